@@ -1,0 +1,26 @@
+"""lstm_jax: a hand-written LSTM in JAX.
+
+Gate order (i, f, g, o), ``x @ w_ih`` layout; see :mod:`lstm_jax._cell` for the equations.
+"""
+
+from lstm_jax._cell import lstm_cell
+from lstm_jax._dropout import make_dropout_masks
+from lstm_jax._init import init_lstm, zero_state
+from lstm_jax._stack import lstm
+from lstm_jax._torch import from_torch, to_torch
+from lstm_jax._types import DropoutMasks, LSTMLayerParams, LSTMState
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DropoutMasks",
+    "LSTMLayerParams",
+    "LSTMState",
+    "from_torch",
+    "init_lstm",
+    "lstm",
+    "lstm_cell",
+    "make_dropout_masks",
+    "to_torch",
+    "zero_state",
+]

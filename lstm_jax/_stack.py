@@ -1,0 +1,145 @@
+"""The multi-layer stack: :func:`lstm` runs every layer over the whole sequence."""
+
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lstm_jax import _checks
+from lstm_jax._cell import fold_forget_bias
+from lstm_jax._dropout import sample_masks
+from lstm_jax._layer import layer_fused, layer_scan
+from lstm_jax._types import DropoutMasks, LSTMState
+
+_IMPLS = {"fused": layer_fused, "scan": layer_scan}
+
+
+def _check_masks(masks, field, num_layers, batch, time_steps, hidden_sizes):
+    per_layer = getattr(masks, field)
+    if per_layer is None:
+        return (None,) * num_layers
+    if not isinstance(per_layer, (tuple, list)) or len(per_layer) != num_layers:
+        raise ValueError(f"masks.{field}: expected a tuple of {num_layers} masks (one per layer), got {per_layer!r:.80}")
+    for k, (m, hidden) in enumerate(zip(per_layer, hidden_sizes)):
+        if m is None:
+            continue
+        _checks.check_float_array(m, f"masks.{field}[{k}]")
+        ok = ((batch, time_steps, hidden), (batch, 1, hidden)) if field == "output" else ((batch, hidden),)
+        if tuple(m.shape) not in ok:
+            want = " or ".join(str(list(s)) for s in ok)
+            raise ValueError(f"masks.{field}[{k}]: expected shape {want}, got {tuple(m.shape)}")
+    return tuple(per_layer)
+
+
+def lstm(
+    params,
+    xs: jax.Array,
+    *,
+    initial_state: Optional[tuple[LSTMState, ...]] = None,
+    lengths: Optional[jax.Array] = None,
+    forget_bias: float = 1.0,
+    dropout: float = 0.0,
+    recurrent_dropout: float = 0.0,
+    variational: bool = False,
+    key: Optional[jax.Array] = None,
+    masks: Optional[DropoutMasks] = None,
+    unroll: int = 1,
+    impl: Literal["fused", "scan"] = "fused",
+) -> tuple[jax.Array, tuple[LSTMState, ...]]:
+    """Runs a stack of LSTM layers over batch-first sequences.
+
+    Args:
+      params: tuple of ``LSTMLayerParams``, one per layer (see :func:`init_lstm`).
+      xs: inputs ``[B, T, in]``, floating point.
+      initial_state: tuple of ``LSTMState(h [B, H], c [B, H])`` per layer; zeros by default.
+      lengths: ``[B]`` ints in [0, T], the valid steps of each sequence. Steps
+        ``t >= lengths[b]`` leave that sequence's state unchanged and output zeros, so the
+        final state is the state at the last valid step (TF ``dynamic_rnn(sequence_length)``).
+        Values are range-checked when concrete; under ``jit`` they are not.
+      forget_bias: added to the forget gate's pre-activation (0.0 reproduces ``torch.nn.LSTM``).
+      dropout: rate of each layer's output dropout (what the next layer and a head see).
+      recurrent_dropout: rate of the dropout on the h fed back into the recurrence, one mask
+        per sequence; the state itself is not dropped.
+      variational: one output mask per sequence, reused at every timestep.
+      key: PRNG key for the masks; required when a rate is positive and ``masks`` is None.
+      masks: explicit :class:`DropoutMasks` (e.g. from :func:`make_dropout_masks`); when given,
+        the rates and ``key`` are ignored.
+      unroll: timesteps per iteration of the scan loop.
+      impl: ``"fused"`` (hand-written VJP, fast, reverse mode only) or ``"scan"`` (autodiff
+        through ``lax.scan``; forward and reverse mode).
+
+    Returns:
+      ``(ys, final_state)``: ``ys [B, T, H]`` the top layer's outputs (after its output
+      dropout, zeros past ``lengths``) and a tuple of ``LSTMState`` per layer (never dropped).
+    """
+    _checks.check_params(params)
+    num_layers = len(params)
+    hidden_sizes = [p.w_hh.shape[0] for p in params]
+    _checks.check_float_array(xs, "xs")
+    if xs.ndim != 3:
+        raise ValueError(f"xs: expected rank 3 [batch, time, features], got rank {xs.ndim} with shape {tuple(xs.shape)}")
+    batch, time_steps, features = xs.shape
+    if features != params[0].w_ih.shape[0]:
+        raise ValueError(f"xs: expected {params[0].w_ih.shape[0]} features (params[0].w_ih's input_size), got shape {tuple(xs.shape)}")
+    if impl not in _IMPLS:
+        raise ValueError(f"impl: expected one of {sorted(_IMPLS)}, got {impl!r}")
+    if isinstance(unroll, bool) or not isinstance(unroll, int) or unroll < 1:
+        raise ValueError(f"unroll: expected a positive int, got {unroll!r}")
+    dtype = params[0].w_hh.dtype
+
+    if initial_state is None:
+        initial_state = tuple(
+            LSTMState(jnp.zeros((batch, h), dtype), jnp.zeros((batch, h), dtype)) for h in hidden_sizes
+        )
+    else:
+        if not isinstance(initial_state, (tuple, list)) or isinstance(initial_state, LSTMState) or len(initial_state) != num_layers:
+            got = f"{type(initial_state).__name__}" + (f" of length {len(initial_state)}" if isinstance(initial_state, (tuple, list)) else "")
+            raise ValueError(f"initial_state: expected a tuple of {num_layers} LSTMState (one per layer), got {got}")
+        for k, (s, h) in enumerate(zip(initial_state, hidden_sizes)):
+            _checks.check_state(s, f"initial_state[{k}]", batch, h)
+        initial_state = tuple(LSTMState(s.h.astype(dtype), s.c.astype(dtype)) for s in initial_state)
+
+    valid = None
+    if lengths is not None:
+        if not hasattr(lengths, "shape") or tuple(np.shape(lengths)) != (batch,):
+            raise ValueError(f"lengths: expected shape [{batch}] (one per sequence), got {tuple(np.shape(lengths))}")
+        if not jnp.issubdtype(jnp.asarray(lengths).dtype, jnp.integer):
+            raise TypeError(f"lengths: expected an integer array, got dtype {jnp.asarray(lengths).dtype}")
+        if _checks.is_concrete(lengths):
+            lo, hi = int(np.min(lengths)), int(np.max(lengths))
+            if lo < 0 or hi > time_steps:
+                raise ValueError(f"lengths: expected values in [0, {time_steps}], got values in [{lo}, {hi}]")
+        valid = jnp.arange(time_steps)[:, None] < jnp.asarray(lengths)[None, :]  # [T, B]
+
+    if masks is None:
+        dropout = _checks.check_rate(dropout, "dropout")
+        recurrent_dropout = _checks.check_rate(recurrent_dropout, "recurrent_dropout")
+        if (dropout > 0 or recurrent_dropout > 0) and key is None:
+            raise ValueError(
+                f"key: a PRNG key is required when dropout ({dropout}) or recurrent_dropout "
+                f"({recurrent_dropout}) is positive, got None"
+            )
+        if dropout > 0 or recurrent_dropout > 0:
+            masks = sample_masks(key, hidden_sizes, batch, time_steps, dropout, recurrent_dropout,
+                                 bool(variational), dtype, broadcast_variational=False)
+        else:
+            masks = DropoutMasks(None, None)
+    elif not isinstance(masks, DropoutMasks):
+        raise TypeError(f"masks: expected DropoutMasks(output, recurrent), got {type(masks).__name__}")
+    out_masks = _check_masks(masks, "output", num_layers, batch, time_steps, hidden_sizes)
+    rec_masks = _check_masks(masks, "recurrent", num_layers, batch, time_steps, hidden_sizes)
+
+    layer = _IMPLS[impl]
+    x = jnp.swapaxes(xs.astype(dtype), 0, 1)  # time-major inside: scan slices the leading axis
+    final_state = []
+    for p, state, out_mask, rec_mask in zip(params, initial_state, out_masks, rec_masks):
+        ys, h_t, c_t = layer(p.w_ih, p.w_hh, fold_forget_bias(p.b, forget_bias), x, state.h, state.c,
+                             valid, None if rec_mask is None else rec_mask.astype(dtype), unroll=unroll)
+        if out_mask is not None:
+            ys = ys * jnp.swapaxes(out_mask.astype(dtype), 0, 1)
+        final_state.append(LSTMState(h_t, c_t))
+        x = ys
+    return jnp.swapaxes(x, 0, 1), tuple(final_state)
