@@ -366,7 +366,7 @@ def run_lj_adam(lj, case, w_out, b_out, *, impl, lr, forget_bias, dtype):
     lengths = jnp.asarray(case["lengths"], jnp.int32)
     labels = jnp.asarray(LABELS, jnp.int32)
 
-    def loss_fn(tp):
+    def loss_fn(tp, lengths):
         p, wo, bo = tp
         ys, _ = lj.lstm(p, xs, initial_state=init, lengths=lengths,
                         forget_bias=forget_bias, masks=masks, impl=impl)
@@ -379,15 +379,16 @@ def run_lj_adam(lj, case, w_out, b_out, *, impl, lr, forget_bias, dtype):
     tp = (params, jnp.asarray(w_out, dtype), jnp.asarray(b_out, dtype))
     state = opt.init(tp)
 
+    # lengths is passed as a jit argument (a tracer inside the step).
     @jax.jit
-    def step(tp, state):
-        loss, g = jax.value_and_grad(loss_fn)(tp)
+    def step(tp, state, lengths):
+        loss, g = jax.value_and_grad(loss_fn)(tp, lengths)
         updates, state = opt.update(g, state, tp)
         return optax.apply_updates(tp, updates), state, loss
 
     losses = []
     for _ in range(N_STEPS):
-        tp, state, loss = step(tp, state)
+        tp, state, loss = step(tp, state, lengths)
         losses.append(float(loss))
     p, wo, bo = tp
     flat = [np.asarray(a, np.float64) for layer in p for a in (layer.w_ih, layer.w_hh, layer.b)]
