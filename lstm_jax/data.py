@@ -473,7 +473,9 @@ def download_idx_files(
     size and sha256 and keeps it in ``download_dir``.  Unless every file is
     already there, a TCP connection to the first URL's host (or proxy) is
     tried first, so that an offline machine fails within ``probe_timeout``
-    seconds instead of after TFDS's retries.
+    seconds instead of after TFDS's retries (TFDS keeps its own retries, up to
+    10 with backoff, for HTTP 5xx answers once the host is reachable).  Files
+    are downloaded one at a time, so an error names the file concerned.
 
     Args:
       name: ``"mnist"`` or ``"fashion_mnist"`` (also the sub-folder of
