@@ -722,3 +722,66 @@ def train_and_evaluate(
         final_test_accuracy=final_test["accuracy"], final_val=final_val, wall_time=total_wall,
         files={"checkpoints": ckpt_dir, "metrics": metrics_path, "curves": curves_path},
     )
+
+
+def restore_run(workdir: os.PathLike | str, *, step: Optional[int] = None, which: str = "best",
+                input_size: int = 28, num_classes: int = 10):
+    """Loads a trained model from ``WORKDIR/checkpoints``.
+
+    Args:
+      workdir: a run's work directory.
+      step: a specific checkpoint step; default the ``which`` one.
+      which: ``"best"`` (highest validation accuracy) or ``"latest"``.
+      input_size, num_classes: the model's input features and classes (28 and 10 for MNIST).
+
+    Returns:
+      ``(state, config, step)``: the :class:`TrainState`, the :class:`TrainConfig` stored in
+      the checkpoint (which rebuilt the model), and the step restored.
+
+    Raises:
+      ConfigError: no such work directory, checkpoint or step, or an unreadable checkpoint.
+    """
+    from lstm_jax._checkpoint import CHECKPOINT_DIR, Checkpoints, has_checkpoints
+    from lstm_jax._classifier import init_classifier
+
+    workdir = Path(workdir).expanduser()
+    if not workdir.is_dir():
+        raise ConfigError(f"--workdir {str(workdir)!r} does not exist")
+    if not has_checkpoints(workdir):
+        raise ConfigError(f"no checkpoint found in {workdir / CHECKPOINT_DIR}")
+    if which not in ("best", "latest"):
+        raise ValueError(f"which: expected 'best' or 'latest', got {which!r}")
+    ckpts = Checkpoints(workdir / CHECKPOINT_DIR, read_only=True)
+    try:
+        steps = ckpts.all_steps()
+        if step is None:
+            step = ckpts.best_step() if which == "best" else ckpts.latest_step()
+        elif step not in steps:
+            raise ConfigError(f"--step {step}: no such checkpoint in {workdir / CHECKPOINT_DIR} "
+                              f"(available: {', '.join(map(str, steps))})")
+        try:
+            meta = ckpts.restore_meta(step)
+            config = TrainConfig.from_dict(meta["config"])
+        except Exception as e:  # noqa: BLE001
+            raise ConfigError(f"checkpoint {step} in {workdir / CHECKPOINT_DIR} is unreadable "
+                              f"({type(e).__name__})") from None
+        optimizer = make_optimizer(config.lr, config.steps, config.clip_norm, config.schedule,
+                                   warmup_steps=config.warmup_steps)
+        params = init_classifier(jax.random.PRNGKey(0), input_size, config.hidden, config.layers, num_classes)
+        template = create_train_state(jax.random.PRNGKey(0), params, optimizer)
+        try:
+            state, _ = ckpts.restore(step, template)
+        except Exception as e:  # noqa: BLE001
+            raise ConfigError(f"checkpoint {step} in {workdir / CHECKPOINT_DIR} cannot be restored "
+                              f"({type(e).__name__})") from None
+    finally:
+        ckpts.close()
+    return state, config, int(step)
+
+
+def confusion_matrix(labels, predictions, num_classes: int = 10) -> np.ndarray:
+    """``[C, C]`` int64 counts: row = true class, column = predicted class."""
+    labels = np.asarray(labels).astype(np.int64)
+    predictions = np.asarray(predictions).astype(np.int64)
+    return np.bincount(labels * num_classes + predictions, minlength=num_classes * num_classes).reshape(
+        num_classes, num_classes)
