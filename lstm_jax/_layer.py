@@ -15,6 +15,13 @@ return the same values:
 In both, the input projection for every timestep is one ``[T*B, in] x [in, 4H]`` matmul
 outside the loop; the loop body does only ``h @ w_hh`` and the gate math.
 
+Rematerialisation (``remat_chunk=K``) for long sequences: only the state at every K-th step
+is kept for the backward pass, and each chunk of K steps is recomputed just before it is
+differentiated. ``layer_scan`` does this with ``jax.checkpoint`` around an inner scan over
+each chunk; ``layer_fused`` does it in its backward scan over chunks, accumulating the
+weight gradients with one matmul per chunk. Sequences are padded to a multiple of K with
+invalid steps (which leave the state unchanged), so any T works.
+
 Shapes: ``xs [T, B, in]``, ``h0, c0 [B, H]``, ``valid [T, B]`` bool (``t < lengths[b]``)
 or None, ``rmask [B, H]`` (recurrent dropout, scaled) or None. Returns
 ``ys [T, B, H]`` (zeros where not valid), ``h_T``, ``c_T``.
@@ -34,9 +41,12 @@ def _input_projection(xs, w_ih, b):
     return jnp.einsum("tbi,ig->tbg", xs, w_ih) + b
 
 
-def _forward(w_ih, w_hh, b, xs, h0, c0, valid, rmask, unroll, save_residuals):
-    """The forward scan shared by both paths; optionally emits what the backward needs."""
-    zx = _input_projection(xs, w_ih, b)
+def _forward_steps(zx, w_hh, h0, c0, valid, rmask, unroll, save_residuals):
+    """The recurrence over precomputed input projections ``zx [T, B, 4H]``.
+
+    Returns ``((h_T, c_T), ys)``, or ``((h_T, c_T), (ys, acts, hs, cs))`` when saving what the
+    backward pass needs (``hs``/``cs``: the carried state after each step).
+    """
 
     def step(carry, inputs):
         h, c = carry
@@ -51,86 +61,135 @@ def _forward(w_ih, w_hh, b, xs, h0, c0, valid, rmask, unroll, save_residuals):
             y = jnp.where(v, h_new, jnp.zeros_like(h_new))
             h_new = jnp.where(v, h_new, h)
             c_new = jnp.where(v, c_new, c)
-        out = (y, acts, h_new, c_new) if save_residuals else y
-        return (h_new, c_new), out
+        if not save_residuals:
+            return (h_new, c_new), y
+        # Without lengths the carried h is the output: emit one copy.
+        return (h_new, c_new), (y, acts, None if v_t is None else h_new, c_new)
 
     (h_t, c_t), out = jax.lax.scan(step, (h0, c0), (zx, valid), unroll=unroll)
+    if save_residuals and valid is None:
+        ys, acts, _, cs = out
+        out = (ys, acts, ys, cs)
     return (h_t, c_t), out
 
 
-def layer_scan(w_ih, w_hh, b, xs, h0, c0, valid=None, rmask=None, *, unroll=1):
+def _backward_steps(w_hh_t, d_ys, acts, hs, cs, h0, c0, valid, rmask, carry, unroll):
+    """Backpropagation through the recurrence of one block of steps.
+
+    ``carry = (dh, dc, d_rmask)`` holds the cotangents of the state after the block's last
+    step. Returns ``((dh0, dc0, d_rmask), dz)`` with ``dz [T, B, 4H]`` the cotangent of the
+    pre-activations, from which every weight and input gradient is one matmul.
+    """
+    h_prev = jnp.concatenate([h0[None], hs[:-1]], axis=0)  # [T, B, H]
+    c_prev = jnp.concatenate([c0[None], cs[:-1]], axis=0)
+
+    def step(carry, inputs):
+        dh, dc, d_rmask = carry
+        dy, a, cp, cn, hp, v_t = inputs
+        dh_new = dy + dh
+        dc_new = dc
+        if v_t is not None:
+            v = v_t[:, None]
+            dh_new = jnp.where(v, dh_new, jnp.zeros_like(dh_new))
+            dc_new = jnp.where(v, dc, jnp.zeros_like(dc))
+        i, f, g, o = jnp.split(a, 4, axis=-1)
+        tanh_c = jnp.tanh(cn)
+        dc_total = dc_new + dh_new * o * (1 - tanh_c * tanh_c)
+        dz = jnp.concatenate(
+            [
+                dc_total * g * i * (1 - i),
+                dc_total * cp * f * (1 - f),
+                dc_total * i * (1 - g * g),
+                dh_new * tanh_c * o * (1 - o),
+            ],
+            axis=-1,
+        )
+        dh_in = dz @ w_hh_t
+        if rmask is None:
+            dh_prev = dh_in
+        else:
+            d_rmask = d_rmask + hp * dh_in
+            dh_prev = dh_in * rmask
+        dc_prev = dc_total * f
+        if v_t is not None:
+            # Steps past a sequence's length passed the state through unchanged.
+            dh_prev = dh_prev + jnp.where(v, jnp.zeros_like(dh), dh)
+            dc_prev = dc_prev + jnp.where(v, jnp.zeros_like(dc), dc)
+        return (dh_prev, dc_prev, d_rmask), dz
+
+    carry, dz = jax.lax.scan(
+        step,
+        carry,
+        (d_ys, acts, c_prev, cs, h_prev if rmask is not None else None, valid),
+        reverse=True,
+        unroll=unroll,
+    )
+    return carry, dz, h_prev
+
+
+def _weight_grads(xs, h_prev, dz, rmask):
+    """``dW_ih, dW_hh, db`` of one block: each a single matmul over all its timesteps."""
+    h_in_prev = h_prev if rmask is None else h_prev * rmask
+    d_w_ih = jnp.einsum("tbi,tbg->ig", xs, dz)
+    d_w_hh = jnp.einsum("tbh,tbg->hg", h_in_prev, dz)
+    return d_w_ih, d_w_hh, jnp.sum(dz, axis=(0, 1))
+
+
+def _pad_time(x, pad, value=0):
+    if x is None or pad == 0:
+        return x
+    return jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1), constant_values=value)
+
+
+def _chunked(xs, valid, chunk):
+    """Pads ``xs``/``valid`` to a multiple of ``chunk`` with invalid steps and splits the
+    time axis into ``[T / chunk, chunk, ...]``."""
+    time_steps, batch = xs.shape[:2]
+    pad = -time_steps % chunk
+    if pad and valid is None:
+        valid = jnp.ones((time_steps, batch), bool)
+    xs, valid = _pad_time(xs, pad), _pad_time(valid, pad, False)
+    split = lambda a: None if a is None else a.reshape((-1, chunk) + a.shape[1:])  # noqa: E731
+    return split(xs), split(valid), time_steps
+
+
+def layer_scan(w_ih, w_hh, b, xs, h0, c0, valid=None, rmask=None, *, unroll=1, remat_chunk=None):
     """Reference path: autodiff through ``lax.scan``. See the module docstring for shapes."""
-    (h_t, c_t), ys = _forward(w_ih, w_hh, b, xs, h0, c0, valid, rmask, unroll, False)
-    return ys, h_t, c_t
+    if remat_chunk is None:
+        (h_t, c_t), ys = _forward_steps(_input_projection(xs, w_ih, b), w_hh, h0, c0, valid, rmask, unroll, False)
+        return ys, h_t, c_t
+
+    xs_c, valid_c, time_steps = _chunked(xs, valid, remat_chunk)
+
+    @jax.checkpoint
+    def chunk_body(carry, inputs):
+        x_k, v_k = inputs
+        carry, ys = _forward_steps(_input_projection(x_k, w_ih, b), w_hh, *carry, v_k, rmask, unroll, False)
+        return carry, ys
+
+    (h_t, c_t), ys = jax.lax.scan(chunk_body, (h0, c0), (xs_c, valid_c))
+    return ys.reshape((-1,) + ys.shape[2:])[:time_steps], h_t, c_t
 
 
 @functools.lru_cache(maxsize=None)
 def _fused_fn(unroll):
     @jax.custom_vjp
     def fused(w_ih, w_hh, b, xs, h0, c0, valid, rmask):
-        (h_t, c_t), ys = _forward(w_ih, w_hh, b, xs, h0, c0, valid, rmask, unroll, False)
+        (h_t, c_t), ys = _forward_steps(_input_projection(xs, w_ih, b), w_hh, h0, c0, valid, rmask, unroll, False)
         return ys, h_t, c_t
 
     def fwd(w_ih, w_hh, b, xs, h0, c0, valid, rmask):
-        (h_t, c_t), (ys, acts, hs, cs) = _forward(w_ih, w_hh, b, xs, h0, c0, valid, rmask, unroll, True)
-        if valid is None:
-            hs = ys  # without lengths the carried h is the output: keep one copy
-        residuals = (w_ih, w_hh, xs, h0, c0, valid, rmask, acts, hs, cs)
-        return (ys, h_t, c_t), residuals
+        (h_t, c_t), (ys, acts, hs, cs) = _forward_steps(
+            _input_projection(xs, w_ih, b), w_hh, h0, c0, valid, rmask, unroll, True)
+        return (ys, h_t, c_t), (w_ih, w_hh, xs, h0, c0, valid, rmask, acts, hs, cs)
 
     def bwd(residuals, cotangents):
         w_ih, w_hh, xs, h0, c0, valid, rmask, acts, hs, cs = residuals
         d_ys, d_h_t, d_c_t = cotangents
-        h_prev = jnp.concatenate([h0[None], hs[:-1]], axis=0)  # [T, B, H]
-        c_prev = jnp.concatenate([c0[None], cs[:-1]], axis=0)
-        w_hh_t = w_hh.T  # loop-invariant; hoisted so the body has no transpose
-
-        def step(carry, inputs):
-            dh, dc, d_rmask = carry
-            dy, a, cp, cn, hp, v_t = inputs
-            dh_new = dy + dh
-            dc_new = dc
-            if v_t is not None:
-                v = v_t[:, None]
-                dh_new = jnp.where(v, dh_new, jnp.zeros_like(dh_new))
-                dc_new = jnp.where(v, dc, jnp.zeros_like(dc))
-            i, f, g, o = jnp.split(a, 4, axis=-1)
-            tanh_c = jnp.tanh(cn)
-            dc_total = dc_new + dh_new * o * (1 - tanh_c * tanh_c)
-            dz = jnp.concatenate(
-                [
-                    dc_total * g * i * (1 - i),
-                    dc_total * cp * f * (1 - f),
-                    dc_total * i * (1 - g * g),
-                    dh_new * tanh_c * o * (1 - o),
-                ],
-                axis=-1,
-            )
-            dh_in = dz @ w_hh_t
-            if rmask is None:
-                dh_prev = dh_in
-            else:
-                d_rmask = d_rmask + hp * dh_in
-                dh_prev = dh_in * rmask
-            dc_prev = dc_total * f
-            if v_t is not None:
-                # Steps past a sequence's length passed the state through unchanged.
-                dh_prev = dh_prev + jnp.where(v, jnp.zeros_like(dh), dh)
-                dc_prev = dc_prev + jnp.where(v, jnp.zeros_like(dc), dc)
-            return (dh_prev, dc_prev, d_rmask), dz
-
-        d_rmask0 = None if rmask is None else jnp.zeros_like(rmask)
-        (dh0, dc0, d_rmask), dz = jax.lax.scan(
-            step,
-            (d_h_t, d_c_t, d_rmask0),
-            (d_ys, acts, c_prev, cs, h_prev if rmask is not None else None, valid),
-            reverse=True,
-            unroll=unroll,
-        )
-        h_in_prev = h_prev if rmask is None else h_prev * rmask
-        d_w_ih = jnp.einsum("tbi,tbg->ig", xs, dz)
-        d_w_hh = jnp.einsum("tbh,tbg->hg", h_in_prev, dz)
-        d_b = jnp.sum(dz, axis=(0, 1))
+        d_rmask = None if rmask is None else jnp.zeros_like(rmask)
+        (dh0, dc0, d_rmask), dz, h_prev = _backward_steps(
+            w_hh.T, d_ys, acts, hs, cs, h0, c0, valid, rmask, (d_h_t, d_c_t, d_rmask), unroll)
+        d_w_ih, d_w_hh, d_b = _weight_grads(xs, h_prev, dz, rmask)
         d_xs = jnp.einsum("tbg,ig->tbi", dz, w_ih)
         return d_w_ih, d_w_hh, d_b, d_xs, dh0, dc0, None, d_rmask
 
@@ -138,6 +197,61 @@ def _fused_fn(unroll):
     return fused
 
 
-def layer_fused(w_ih, w_hh, b, xs, h0, c0, valid=None, rmask=None, *, unroll=1):
+@functools.lru_cache(maxsize=None)
+def _fused_remat_fn(unroll, chunk):
+    """The fused layer keeping only every ``chunk``-th state for the backward pass."""
+
+    @jax.custom_vjp
+    def fused(w_ih, w_hh, b, xs, h0, c0, valid, rmask):
+        (h_t, c_t), ys = _forward_steps(_input_projection(xs, w_ih, b), w_hh, h0, c0, valid, rmask, unroll, False)
+        return ys, h_t, c_t
+
+    def fwd(w_ih, w_hh, b, xs, h0, c0, valid, rmask):
+        xs_c, valid_c, time_steps = _chunked(xs, valid, chunk)
+
+        def chunk_body(carry, inputs):
+            x_k, v_k = inputs
+            new_carry, ys = _forward_steps(_input_projection(x_k, w_ih, b), w_hh, *carry, v_k, rmask, unroll, False)
+            return new_carry, (ys, carry)  # keep the state at the chunk's start
+
+        (h_t, c_t), (ys, starts) = jax.lax.scan(chunk_body, (h0, c0), (xs_c, valid_c))
+        ys = ys.reshape((-1,) + ys.shape[2:])[:time_steps]
+        return (ys, h_t, c_t), (w_ih, w_hh, b, xs_c, valid_c, rmask, starts)
+
+    def bwd(residuals, cotangents):
+        w_ih, w_hh, b, xs_c, valid_c, rmask, (h_starts, c_starts) = residuals
+        d_ys, d_h_t, d_c_t = cotangents
+        time_steps = d_ys.shape[0]
+        d_ys_c = _pad_time(d_ys, xs_c.shape[0] * chunk - time_steps).reshape(xs_c.shape[:2] + d_ys.shape[1:])
+        w_hh_t = w_hh.T
+
+        def chunk_body(carry, inputs):
+            state_carry, (g_ih, g_hh, g_b) = carry
+            x_k, v_k, dy_k, h_k, c_k = inputs
+            _, (_, acts, hs, cs) = _forward_steps(
+                _input_projection(x_k, w_ih, b), w_hh, h_k, c_k, v_k, rmask, unroll, True)
+            state_carry, dz, h_prev = _backward_steps(
+                w_hh_t, dy_k, acts, hs, cs, h_k, c_k, v_k, rmask, state_carry, unroll)
+            d_w_ih, d_w_hh, d_b = _weight_grads(x_k, h_prev, dz, rmask)
+            d_x = jnp.einsum("tbg,ig->tbi", dz, w_ih)
+            return (state_carry, (g_ih + d_w_ih, g_hh + d_w_hh, g_b + d_b)), d_x
+
+        d_rmask = None if rmask is None else jnp.zeros_like(rmask)
+        zero_grads = (jnp.zeros_like(w_ih), jnp.zeros_like(w_hh), jnp.zeros_like(b))
+        ((dh0, dc0, d_rmask), (d_w_ih, d_w_hh, d_b)), d_xs = jax.lax.scan(
+            chunk_body,
+            ((d_h_t, d_c_t, d_rmask), zero_grads),
+            (xs_c, valid_c, d_ys_c, h_starts, c_starts),
+            reverse=True,
+        )
+        d_xs = d_xs.reshape((-1,) + d_xs.shape[2:])[:time_steps]
+        return d_w_ih, d_w_hh, d_b, d_xs, dh0, dc0, None, d_rmask
+
+    fused.defvjp(fwd, bwd)
+    return fused
+
+
+def layer_fused(w_ih, w_hh, b, xs, h0, c0, valid=None, rmask=None, *, unroll=1, remat_chunk=None):
     """Fast path with a hand-written VJP. See the module docstring for shapes."""
-    return _fused_fn(unroll)(w_ih, w_hh, b, xs, h0, c0, valid, rmask)
+    fn = _fused_fn(unroll) if remat_chunk is None else _fused_remat_fn(unroll, remat_chunk)
+    return fn(w_ih, w_hh, b, xs, h0, c0, valid, rmask)

@@ -48,6 +48,7 @@ def lstm(
     masks: Optional[DropoutMasks] = None,
     unroll: int = 1,
     impl: Literal["fused", "scan"] = "fused",
+    remat_chunk: Optional[int] = None,
 ) -> tuple[jax.Array, tuple[LSTMState, ...]]:
     """Runs a stack of LSTM layers over batch-first sequences.
 
@@ -70,6 +71,9 @@ def lstm(
       unroll: timesteps per iteration of the scan loop.
       impl: ``"fused"`` (hand-written VJP, fast, reverse mode only) or ``"scan"`` (autodiff
         through ``lax.scan``; forward and reverse mode).
+      remat_chunk: keep only every ``remat_chunk``-th state for the backward pass and
+        recompute each chunk of steps when it is differentiated (less memory for long
+        sequences, about one extra forward pass of compute). None keeps everything.
 
     Returns:
       ``(ys, final_state)``: ``ys [B, T, H]`` the top layer's outputs (after its output
@@ -88,6 +92,8 @@ def lstm(
         raise ValueError(f"impl: expected one of {sorted(_IMPLS)}, got {impl!r}")
     if isinstance(unroll, bool) or not isinstance(unroll, int) or unroll < 1:
         raise ValueError(f"unroll: expected a positive int, got {unroll!r}")
+    if remat_chunk is not None and (isinstance(remat_chunk, bool) or not isinstance(remat_chunk, int) or remat_chunk < 1):
+        raise ValueError(f"remat_chunk: expected None or a positive int, got {remat_chunk!r}")
     dtype = params[0].w_hh.dtype
 
     if initial_state is None:
@@ -137,7 +143,8 @@ def lstm(
     final_state = []
     for p, state, out_mask, rec_mask in zip(params, initial_state, out_masks, rec_masks):
         ys, h_t, c_t = layer(p.w_ih, p.w_hh, fold_forget_bias(p.b, forget_bias), x, state.h, state.c,
-                             valid, None if rec_mask is None else rec_mask.astype(dtype), unroll=unroll)
+                             valid, None if rec_mask is None else rec_mask.astype(dtype), unroll=unroll,
+                             remat_chunk=remat_chunk)
         if out_mask is not None:
             ys = ys * jnp.swapaxes(out_mask.astype(dtype), 0, 1)
         final_state.append(LSTMState(h_t, c_t))
