@@ -1,0 +1,148 @@
+"""Smoke test of the benchmark harness (bench/run.py): it runs, every peer ran, the results
+are complete and self-consistent. No timing value is asserted -- only that times are
+positive and finite, and that the ratios are the ratios of the reported medians.
+
+Needs torch and flax (``pip install -e '.[bench]'``); without them the test is skipped,
+unless ``LSTM_JAX_REQUIRE_TORCH=1`` (set in CI), where it fails instead.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+RUN = ROOT / "bench" / "run.py"
+PEER_MODULES = ("torch", "flax")
+COMPARED = ("lstm_jax_fused", "lstm_jax_scan", "torch", "flax")
+
+
+def _require_peers():
+    missing = [m for m in PEER_MODULES if importlib.util.find_spec(m) is None]
+    if not missing:
+        return
+    reason = f"bench peers not installed: {', '.join(missing)} (pip install -e '.[bench]')"
+    flag = os.environ.get("LSTM_JAX_REQUIRE_TORCH", "").strip().lower()
+    if flag in ("1", "true", "yes"):
+        pytest.fail(f"{reason}; LSTM_JAX_REQUIRE_TORCH={flag} requires them")
+    pytest.skip(reason)
+
+
+def _positive_finite(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    _require_peers()
+    out = tmp_path_factory.mktemp("bench_results")
+    # One torch thread: the harness is what is tested here, and on a loaded CI runner
+    # torch's OpenMP barriers with 2 threads can make the run many times slower.
+    cmd = [sys.executable, str(RUN), "--quick", "--out", str(out), "--torch-threads", "1"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, f"{cmd} failed:\n{proc.stdout[-5000:]}\n{proc.stderr[-5000:]}"
+    jsons = sorted(out.glob("*.json"))
+    assert len(jsons) == 1, f"expected one JSON in {out}, got {[p.name for p in out.iterdir()]}"
+    report = json.loads(jsons[0].read_text())
+    return report, jsons[0], proc.stdout
+
+
+def test_every_peer_ran_in_every_quick_config(quick_run):
+    report, _, _ = quick_run
+    configs = report["configs"]
+    assert configs, "no configurations in the report"
+    for name, c in configs.items():
+        for impl in COMPARED:
+            e = c["results"].get(impl)
+            assert e is not None, f"{name}: no entry for {impl}"
+            assert e["status"] == "ok", f"{name}/{impl}: {e}"
+            for phase in ("train", "infer"):
+                st = e[phase]
+                assert st["n"] >= 1
+                for key in ("median_s", "q1_s", "q3_s", "min_s", "max_s", "gflops", "frac_of_floor"):
+                    assert _positive_finite(st[key]), f"{name}/{impl}/{phase}/{key} = {st[key]!r}"
+                assert st["min_s"] <= st["q1_s"] <= st["median_s"] <= st["q3_s"] <= st["max_s"]
+                assert _positive_finite(e[f"{phase}_first_result_s"])
+            assert math.isfinite(e["first_loss"])
+        assert all(_positive_finite(v) for v in c["flops"].values())
+        for lib in ("jax", "torch"):
+            assert _positive_finite(c["gemm"][lib]["gflops"]), f"{name}: GEMM {lib}: {c['gemm'][lib]}"
+        assert all(_positive_finite(c["floor"][k]) for k in ("gflops", "forward_s", "train_s"))
+
+
+def test_cudnn_peer_is_skipped_on_cpu_and_runs_on_gpu(quick_run):
+    report, _, _ = quick_run
+    for name, c in report["configs"].items():
+        e = c["results"]["jax_cudnn"]
+        if report["platform"] == "cpu":
+            assert e["status"] == "skipped" and "GPU only" in e["reason"], f"{name}: {e}"
+        else:
+            assert e["status"] == "ok", f"{name}: {e}"
+
+
+def test_ratios_are_ratios_of_the_reported_medians(quick_run):
+    report, _, _ = quick_run
+    for name, c in report["configs"].items():
+        res = c["results"]
+        for phase in ("train", "infer"):
+            r = c["ratios"][phase]
+            for key in ("lstm_jax_fused/torch", "lstm_jax_fused/flax", "lstm_jax_scan/torch",
+                        "lstm_jax_scan/flax", "lstm_jax_scan/lstm_jax_fused"):
+                a, b = key.split("/")
+                want = res[a][phase]["median_s"] / res[b][phase]["median_s"]
+                assert math.isclose(r[key], want, rel_tol=1e-9), f"{name}/{phase}/{key}"
+
+
+def test_same_weights_same_first_loss(quick_run):
+    """lstm_jax (fused, scan) and torch start from the same weights and data."""
+    report, _, _ = quick_run
+    for name, c in report["configs"].items():
+        chk = c["first_loss_check"]
+        assert chk is not None and set(chk["compared"]) == {"lstm_jax_scan", "torch"}
+        assert chk["ok"], f"{name}: first losses differ: {chk}"
+
+
+def test_testset_inference_ran(quick_run):
+    report, _, _ = quick_run
+    ts = report["testset"]
+    assert ts["sequences"] > 0 and ts["batch"] > 0
+    for impl in ("lstm_jax_fused", "torch"):
+        e = ts["results"][impl]
+        assert e["status"] == "ok", e
+        assert _positive_finite(e["pass"]["median_s"]) and _positive_finite(e["sequences_per_s"])
+        assert _positive_finite(e["first_result_s"])
+    assert _positive_finite(ts["ratios"]["lstm_jax_fused/torch"])
+
+
+def test_metadata_and_outputs(quick_run):
+    report, json_path, stdout = quick_run
+    assert report["quick"] is True and report["preliminary"] is True
+    assert report["device"] and json_path.name == f"{report['device']}-quick.json"
+    m = report["machine"]
+    assert m["cpu_model"] and m["cpu_count"] >= 1
+    for pkg in ("jax", "jaxlib", "optax", "flax", "torch", "numpy", "python"):
+        assert report["versions"][pkg], f"version of {pkg} missing"
+    assert report["date"]
+    assert report["torch"]["torch_num_threads"] == 1  # what the test asked for, recorded
+    md = json_path.with_suffix(".md")
+    assert md.is_file()
+    text = md.read_text()
+    for name in report["configs"]:
+        assert f"## {name}:" in text
+    assert "| lstm_jax_fused |" in text and "Ratios" in text
+    assert "| lstm_jax_fused |" in stdout  # the table is printed too
+
+
+def test_unknown_config_is_rejected(tmp_path):
+    proc = subprocess.run([sys.executable, str(RUN), "--configs", "nope", "--out", str(tmp_path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "unknown config" in proc.stderr
+    assert not list(tmp_path.iterdir())
