@@ -361,13 +361,13 @@ class TrainConfig:
     layers: int = 3
     hidden: int = 256
     batch_size: int = 128
-    steps: int = 4000
+    steps: int = 3000
     epochs: Optional[float] = None
     lr: float = 2e-3
     schedule: str = "warmup_cosine"
     warmup_steps: Optional[int] = None
     clip_norm: Optional[float] = 5.0
-    dropout: float = 0.5
+    dropout: float = 0.3
     recurrent_dropout: float = 0.0
     variational: bool = False
     forget_bias: float = 1.0
