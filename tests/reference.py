@@ -330,10 +330,17 @@ class Adam:
     m = b1 m + (1-b1) g;  v = b2 v + (1-b2) g^2
     mhat = m / (1 - b1^t);  vhat = v / (1 - b2^t)
     p <- p - lr * mhat / (sqrt(vhat) + eps)
+
+    ``bias_correction_dtype``: None (exact, float64) or e.g. ``np.float32`` to
+    reproduce optax running in float32, which evaluates ``1 - b**t`` in that
+    dtype with b rounded to it (1 - float32(0.999) = 0.0009999871: a 1.3e-5
+    relative error in vhat's correction); the moments themselves use the
+    Python-float (1 - b) either way, as optax does.
     """
 
-    def __init__(self, lr, b1=0.9, b2=0.999, eps=1e-8):
+    def __init__(self, lr, b1=0.9, b2=0.999, eps=1e-8, bias_correction_dtype=None):
         self.lr, self.b1, self.b2, self.eps = lr, b1, b2, eps
+        self.bc_dtype = bias_correction_dtype
         self.m = None
         self.v = None
         self.t = 0
@@ -346,19 +353,26 @@ class Adam:
             self.v = [np.zeros_like(p) for p in params]
         self.t += 1
         b1, b2 = self.b1, self.b2
+        if self.bc_dtype is None:
+            bc1, bc2 = 1.0 - b1 ** self.t, 1.0 - b2 ** self.t
+        else:
+            dt = self.bc_dtype
+            bc1 = float(dt(1) - dt(b1) ** dt(self.t))
+            bc2 = float(dt(1) - dt(b2) ** dt(self.t))
         out = []
         for k, (p, g) in enumerate(zip(params, grads)):
             self.m[k] = b1 * self.m[k] + (1.0 - b1) * g
             self.v[k] = b2 * self.v[k] + (1.0 - b2) * g * g
-            mhat = self.m[k] / (1.0 - b1 ** self.t)
-            vhat = self.v[k] / (1.0 - b2 ** self.t)
+            mhat = self.m[k] / bc1
+            vhat = self.v[k] / bc2
             out.append(p - self.lr * mhat / (np.sqrt(vhat) + self.eps))
         return out
 
 
 def train_classifier_adam(params, w_out, b_out, xs, labels, *, lengths,
                           steps, lr, h0=None, c0=None, output_masks=None,
-                          recurrent_masks=None, forget_bias=1.0):
+                          recurrent_masks=None, forget_bias=1.0,
+                          b1=0.9, b2=0.999, eps=1e-8, bias_correction_dtype=None):
     """Run ``steps`` Adam steps on the LSTM parameters and the head.
 
     Only the LSTM weights and the head are trained (xs and the initial state
@@ -367,7 +381,7 @@ def train_classifier_adam(params, w_out, b_out, xs, labels, *, lengths,
     """
     layers = _as_layers(params)
     flat = [a for layer in layers for a in layer] + [_f64(w_out), _f64(b_out)]
-    opt = Adam(lr)
+    opt = Adam(lr, b1=b1, b2=b2, eps=eps, bias_correction_dtype=bias_correction_dtype)
     losses = []
     n = len(layers)
     for _ in range(steps):

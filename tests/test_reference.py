@@ -40,7 +40,9 @@ _spec.loader.exec_module(ref)
 
 @pytest.fixture
 def lj():
-    return pytest.importorskip("lstm_jax")
+    import lstm_jax
+
+    return lstm_jax
 
 
 @contextlib.contextmanager
@@ -71,7 +73,7 @@ def report(record_property, name, errs: dict):
     w = worst(errs)
     record_property(f"{name}_max_rel_err", w)
     key = max(errs, key=errs.get)
-    print(f"\n[{name}] worst rel err {w:.3e} (at {key})")
+    print(f"\n[{name}] worst {w:.3e} (at {key})")
     return w
 
 
@@ -258,11 +260,16 @@ LENGTHS = np.array([T, 0, 3, 5])
 
 CONFIGS = {
     # name: (num_layers, forget_bias, dropout, recurrent_dropout, lengths, initial_state)
-    "L1_fb1_full": (1, 1.0, 0.5, 0.3, LENGTHS, True),
-    "L2_fb0_full": (2, 0.0, 0.5, 0.3, LENGTHS, True),
+    # "full": lengths (incl. 0 and T), explicit output + recurrent masks, initial state.
+    "L1_fb0_full": (1, 0.0, 0.5, 0.3, LENGTHS, True),
     "L3_fb1_full": (3, 1.0, 0.3, 0.5, LENGTHS, True),
+    # every optional argument left at its default (no lengths/masks/initial state)
     "L2_fb1_defaults": (2, 1.0, 0.0, 0.0, None, False),
 }
+# XLA compilation dominates the run time on the shared CPUs, so the grid is
+# kept small; float32 repeats the two "full" configs.
+F32_CONFIGS = ["L1_fb0_full", "L3_fb1_full"]
+LSTM_CASES = [("float64", c) for c in CONFIGS] + [("float32", c) for c in F32_CONFIGS]
 
 
 def to_lj(lj, case, dtype):
@@ -291,7 +298,7 @@ def compare_lstm(lj, case, *, impl, forget_bias, dtype, use_initial_state):
     R2 = [jnp.asarray(r, dtype) for r in case["R2"]]
     R3 = [jnp.asarray(r, dtype) for r in case["R3"]]
 
-    def loss_fn(params, xs, init):
+    def loss_fn(params, xs, init, lengths):
         ys, final = lj.lstm(params, xs, initial_state=init if use_initial_state else None,
                             lengths=lengths, forget_bias=forget_bias, masks=masks, impl=impl)
         loss = jnp.sum(ys * R1)
@@ -299,8 +306,8 @@ def compare_lstm(lj, case, *, impl, forget_bias, dtype, use_initial_state):
             loss = loss + jnp.sum(s.h * R2[l]) + jnp.sum(s.c * R3[l])
         return loss, (ys, final)
 
-    (loss, (ys, final)), (gp, gx, gs) = jax.value_and_grad(
-        loss_fn, argnums=(0, 1, 2), has_aux=True)(params, xs, init)
+    (loss, (ys, final)), (gp, gx, gs) = jax.jit(jax.value_and_grad(
+        loss_fn, argnums=(0, 1, 2), has_aux=True))(params, xs, init, lengths)
 
     assert ys.dtype == dtype and gx.dtype == dtype
     _, (r_ys, r_hT, r_cT), r_g = ref.lstm_loss_and_grads(
@@ -324,8 +331,7 @@ def compare_lstm(lj, case, *, impl, forget_bias, dtype, use_initial_state):
 
 
 @pytest.mark.parametrize("impl", ["fused", "scan"])
-@pytest.mark.parametrize("config", list(CONFIGS))
-@pytest.mark.parametrize("precision", ["float64", "float32"])
+@pytest.mark.parametrize("precision,config", LSTM_CASES)
 def test_lstm_matches_reference(lj, precision, config, impl, record_property):
     L, fb, p, rp, lengths, use_init = CONFIGS[config]
     seed = 1000 + list(CONFIGS).index(config)
@@ -396,8 +402,7 @@ def run_lj_adam(lj, case, w_out, b_out, *, impl, lr, forget_bias, dtype):
 
 
 @pytest.mark.parametrize("impl", ["fused", "scan"])
-@pytest.mark.parametrize("lr", [1e-2, 1e-3])
-@pytest.mark.parametrize("precision", ["float64", "float32"])
+@pytest.mark.parametrize("precision,lr", [("float64", 1e-3), ("float32", 1e-2)])
 def test_adam_training_matches_reference(lj, precision, lr, impl, record_property):
     L, fb = 2, 1.0
     rng = np.random.default_rng(7)
@@ -435,7 +440,27 @@ def test_adam_training_matches_reference(lj, precision, lr, impl, record_propert
     if precision == "float64":
         assert wu <= 1e-10, upd
     else:
-        # float32 params are rounded to ~6e-8 relative at every step while the
-        # total update is only ~N_STEPS * lr, so the update comparison is
-        # limited by storage rounding, not by the library's arithmetic.
-        assert wu <= 1e-3, upd
+        # The *updates* (total ~N_STEPS * lr) are a far more sensitive
+        # comparison than the parameters.  Two float32 effects that are not
+        # the library's: (a) optax evaluates Adam's bias correction 1 - b2**t
+        # in float32 with b2 = float32(0.999), 1.3e-5 relative off; the
+        # reference reproduces that here (bias_correction_dtype=np.float32);
+        # (b) float32 parameters are re-rounded at each step (relative error
+        # <= 2**-24), so allow N_STEPS * 2**-24 * max|p| on top of 1e-5
+        # relative.  Record the worst ratio error/bound (<= 1 passes).
+        r32 = ref.train_classifier_adam(
+            case["params"], case["w_out"], case["b_out"], case["xs"], LABELS,
+            lengths=case["lengths"], steps=N_STEPS, lr=lr, h0=case["h0"], c0=case["c0"],
+            output_masks=case["om"], recurrent_masks=case["rm"], forget_bias=fb,
+            bias_correction_dtype=np.float32)
+        r32_flat = [a for layer in r32[0] for a in layer] + [r32[1], r32[2]]
+        upd32 = {n: rel_err(a - p0, b - p0)
+                 for n, a, b, p0 in zip(names, lj_flat, r32_flat, init_flat)}
+        report(record_property, f"{precision}_adam_lr{lr}_{impl}_updates_vs_optax32_ref", upd32)
+        ratios = {}
+        for n, a, b, p0 in zip(names, lj_flat, r32_flat, init_flat):
+            allowance = N_STEPS * 2.0 ** -24 * np.max(np.abs(b))
+            ratios[n] = float(np.max(np.abs((a - p0) - (b - p0)))
+                              / (1e-5 * np.max(np.abs(b - p0)) + allowance))
+        wr = report(record_property, f"{precision}_adam_lr{lr}_{impl}_update_err_over_bound", ratios)
+        assert wr <= 1.0, ratios
