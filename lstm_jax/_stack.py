@@ -115,7 +115,8 @@ def lstm(
         if not jnp.issubdtype(jnp.asarray(lengths).dtype, jnp.integer):
             raise TypeError(f"lengths: expected an integer array, got dtype {jnp.asarray(lengths).dtype}")
         if _checks.is_concrete(lengths):
-            lo, hi = int(np.min(lengths)), int(np.max(lengths))
+            concrete = np.asarray(lengths)  # np.min(jax_array) would trace under jit
+            lo, hi = int(concrete.min()), int(concrete.max())
             if lo < 0 or hi > time_steps:
                 raise ValueError(f"lengths: expected values in [0, {time_steps}], got values in [{lo}, {hi}]")
         valid = jnp.arange(time_steps)[:, None] < jnp.asarray(lengths)[None, :]  # [T, B]
