@@ -201,6 +201,9 @@ def loss_and_metrics(logits: jax.Array, labels: jax.Array, weights: Optional[jax
     }
 
 
+_global_norm = getattr(getattr(optax, "tree", None), "norm", None) or optax.global_norm
+
+
 def make_train_step(
     optimizer: optax.GradientTransformation,
     *,
@@ -254,7 +257,7 @@ def make_train_step(
         (loss, m), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = dict(m, loss=loss, grad_norm=optax.global_norm(grads))
+        metrics = dict(m, loss=loss, grad_norm=_global_norm(grads))
         return TrainState(params, opt_state, state.step + 1, next_key), metrics
 
     jitted = jax.jit(train_step, donate_argnums=(0,) if donate else ())

@@ -1,0 +1,256 @@
+"""Training library: the jitted train step, the optimizer, evaluate(), and the training run
+(non-finite loss handling, resume without the CLI)."""
+
+from __future__ import annotations
+
+import importlib.util
+import pathlib
+import struct
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import lstm_jax as lj
+from lstm_jax import _train
+
+_spec = importlib.util.spec_from_file_location("_lstm_reference_train", pathlib.Path(__file__).with_name("reference.py"))
+ref = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(ref)
+
+
+def write_idx(folder: pathlib.Path, n_train: int = 240, n_test: int = 50, seed: int = 0) -> pathlib.Path:
+    """Writes 4 small, learnable IDX files (the class is encoded in a bright row)."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def images_labels(n):
+        labels = rng.integers(0, 10, n).astype(np.uint8)
+        images = rng.integers(0, 60, (n, 28, 28)).astype(np.uint8)
+        images[np.arange(n), 2 * labels + 4, :] = 255
+        return images, labels
+
+    for split, n in (("train", n_train), ("t10k", n_test)):
+        images, labels = images_labels(n)
+        (folder / f"{split}-images-idx3-ubyte").write_bytes(struct.pack(">IIII", 0x803, n, 28, 28) + images.tobytes())
+        (folder / f"{split}-labels-idx1-ubyte").write_bytes(struct.pack(">II", 0x801, n) + labels.tobytes())
+    return folder
+
+
+def _small_setup(layers=2, hidden=8, batch=16, steps=10, clip=1.0):
+    params = lj.init_classifier(jax.random.PRNGKey(0), 28, hidden, layers, 10)
+    opt = lj.make_optimizer(1e-2, steps, clip, "cosine")
+    state = lj.create_train_state(jax.random.PRNGKey(1), params, opt)
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (batch, 28, 28)).astype(np.uint8)
+    labels = rng.integers(0, 10, batch).astype(np.int32)
+    return opt, state, images, labels
+
+
+def test_train_step_changes_every_parameter_and_compiles_once():
+    opt, state, images, labels = _small_setup()
+    before = jax.device_get(state.params)
+    step = lj.make_train_step(opt, dropout=0.5, recurrent_dropout=0.1)
+    keys = [np.asarray(state.key)]
+    for i in range(4):
+        state, metrics = step(state, images, labels)
+        keys.append(np.asarray(state.key))
+        assert isinstance(metrics["loss"], jax.Array)  # stays on the device
+    after = jax.device_get(state.params)
+    for path, a, b in zip(jax.tree_util.tree_flatten_with_path(before)[0], jax.tree.leaves(before),
+                          jax.tree.leaves(after)):
+        assert np.mean(np.asarray(a) != np.asarray(b)) > 0.5, path[0]
+    assert step.trace_count() == 1
+    assert step._cache_size() == 1
+    assert int(state.step) == 4 and state.step.dtype == jnp.int32
+    # The PRNG key advances every step (split inside the step) and is never reused.
+    assert len({k.tobytes() for k in keys}) == len(keys)
+    # Metrics are sums over the batch plus the mean loss.
+    m = jax.device_get(metrics)
+    assert m["count"] == len(labels) and 0 <= m["correct"] <= len(labels)
+    np.testing.assert_allclose(m["loss"], m["loss_sum"] / m["count"], rtol=1e-6)
+    assert np.isfinite(m["grad_norm"]) and m["grad_norm"] > 0
+
+
+def test_train_step_donates_the_state():
+    opt, state, images, labels = _small_setup(layers=1)
+    step = lj.make_train_step(opt, dropout=0.0)
+    old = state
+    state, _ = step(state, images, labels)
+    if jax.default_backend() == "cpu" and not old.params.w_out.is_deleted():
+        pytest.skip("this backend ignores buffer donation")
+    assert old.params.w_out.is_deleted()
+
+
+def test_train_step_is_deterministic_and_uses_the_state_key():
+    opt, state, images, labels = _small_setup(layers=1)
+    step = lj.make_train_step(opt, dropout=0.5, donate=False)
+    a, _ = step(state, images, labels)
+    b, _ = step(state, images, labels)
+    assert all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+    c, _ = step(state._replace(key=jax.random.PRNGKey(99)), images, labels)
+    assert not np.array_equal(a.params.w_out, c.params.w_out)
+
+
+def test_float_and_uint8_images_give_the_same_step():
+    from lstm_jax import data
+
+    opt, state, images, labels = _small_setup(layers=1)
+    step = lj.make_train_step(opt, dropout=0.0, donate=False)
+    a, ma = step(state, images, labels)
+    b, mb = step(state, jnp.asarray(data.to_sequences(images)), labels)
+    np.testing.assert_allclose(ma["loss"], mb["loss"], rtol=1e-6)
+    np.testing.assert_allclose(a.params.w_out, b.params.w_out, rtol=1e-6, atol=1e-7)
+
+
+def test_train_step_rejects_bad_input():
+    opt, state, images, labels = _small_setup(layers=1)
+    step = lj.make_train_step(opt, dropout=0.0, donate=False)
+    with pytest.raises(ValueError, match="labels"):
+        step(state, images, labels[:-1])
+    with pytest.raises(TypeError, match="labels"):
+        step(state, images, labels.astype(np.float32))
+    with pytest.raises(ValueError, match="images"):
+        step(state, images[0], labels)
+    with pytest.raises(TypeError, match="state"):
+        step(tuple(state), images, labels)
+    with pytest.raises(ValueError, match="dropout"):
+        lj.make_train_step(opt, dropout=1.5)
+    with pytest.raises(TypeError, match="optimizer"):
+        lj.make_train_step("adam")
+
+
+def test_make_optimizer_schedules_and_clipping():
+    sched = _train.make_schedule(1e-3, 1000, "warmup_cosine", warmup_steps=100)
+    assert float(sched(0)) == 0.0
+    np.testing.assert_allclose(float(sched(100)), 1e-3, rtol=1e-6)
+    assert float(sched(1000)) == pytest.approx(0.0, abs=1e-9)
+    assert float(_train.make_schedule(1e-3, 1000, "constant")(777)) == pytest.approx(1e-3)
+    assert float(_train.make_schedule(1e-3, 1000, "cosine")(0)) == pytest.approx(1e-3)
+    assert float(_train.make_schedule(1e-3, 1000, "linear")(500)) == pytest.approx(5e-4)
+    # Clipping: a huge gradient moves each parameter by at most lr (Adam) and the clipped
+    # chain equals adam applied to the clipped gradient.
+    params = {"w": jnp.ones((3,))}
+    grads = {"w": jnp.array([3e6, -4e6, 0.0])}
+    opt = lj.make_optimizer(0.1, 10, clip_norm=1.0, schedule="constant")
+    updates, _ = opt.update(grads, opt.init(params), params)
+    clipped = {"w": grads["w"] / 5e6}
+    ref_opt = optax.adam(0.1)
+    ref_updates, _ = ref_opt.update(clipped, ref_opt.init(params), params)
+    np.testing.assert_allclose(updates["w"], ref_updates["w"], rtol=1e-5)
+    for bad, match in (({"lr": -1.0}, "lr"), ({"lr": 0.0}, "lr"), ({"steps": 0}, "steps"),
+                       ({"clip_norm": -1.0}, "clip_norm"), ({"schedule": "step"}, "schedule")):
+        kwargs = dict(lr=1e-3, steps=10, clip_norm=None, schedule="constant")
+        kwargs.update(bad)
+        with pytest.raises((ValueError, TypeError), match=match):
+            lj.make_optimizer(**kwargs)
+
+
+def _numpy_logits(params, images):
+    layers = [tuple(np.asarray(a, np.float64) for a in p) for p in params.lstm]
+    xs = images.astype(np.float64) / 255.0
+    ys, _, _ = ref.lstm_forward(layers, xs, forget_bias=1.0)
+    return ys[:, -1] @ np.asarray(params.w_out, np.float64) + np.asarray(params.b_out, np.float64)
+
+
+@pytest.mark.parametrize("batch_size", [10, 37, 64])
+def test_evaluate_matches_numpy_with_a_partial_last_batch(batch_size):
+    rng = np.random.default_rng(1)
+    n = 37
+    images = rng.integers(0, 256, (n, 28, 28)).astype(np.uint8)
+    params = lj.init_classifier(jax.random.PRNGKey(2), 28, 6, 2, 10)
+    logits = _numpy_logits(params, images)
+    preds = logits.argmax(-1)
+    # Labels: right for about half of the images, so accuracy is neither 0 nor 1.
+    labels = np.where(rng.random(n) < 0.5, preds, (preds + 1) % 10).astype(np.int32)
+    want_acc = np.mean(preds == labels)
+    logp = logits - logits.max(-1, keepdims=True)
+    logp = logp - np.log(np.exp(logp).sum(-1, keepdims=True))
+    want_loss = -np.mean(logp[np.arange(n), labels])
+    got = lj.evaluate(params, images, labels, batch_size=batch_size, return_predictions=True)
+    assert got["num_examples"] == n
+    assert got["correct"] == int(np.sum(preds == labels))
+    assert got["accuracy"] == pytest.approx(want_acc, abs=1e-12)
+    assert got["loss"] == pytest.approx(want_loss, rel=1e-4)
+    np.testing.assert_array_equal(got["predictions"], preds)
+
+
+def test_evaluate_rejects_bad_input():
+    params = lj.init_classifier(jax.random.PRNGKey(2), 28, 4, 1, 10)
+    images = np.zeros((5, 28, 28), np.uint8)
+    with pytest.raises(ValueError, match="batch_size"):
+        lj.evaluate(params, images, np.zeros(5, np.int32), batch_size=0)
+    with pytest.raises(ValueError, match="labels"):
+        lj.evaluate(params, images, np.zeros(4, np.int32))
+    with pytest.raises(TypeError, match="params"):
+        lj.evaluate(params.lstm, images, np.zeros(5, np.int32))
+
+
+def test_confusion_matrix():
+    cm = _train.confusion_matrix([0, 1, 1, 2], [0, 2, 1, 2], 3)
+    np.testing.assert_array_equal(cm, [[1, 0, 0], [0, 1, 1], [0, 0, 1]])
+
+
+def test_config_validation_names_the_flag():
+    lj.TrainConfig().validate()
+    for field, value in (("layers", 0), ("hidden", -1), ("batch_size", 0), ("steps", 0), ("lr", -1.0),
+                         ("lr", float("nan")), ("dropout", 1.5), ("dropout", 1.0), ("recurrent_dropout", -0.1),
+                         ("clip_norm", 0.0), ("eval_every", 0), ("checkpoint_every", 0), ("val_size", -1),
+                         ("seed", -1), ("dataset", "cifar"), ("schedule", "step"), ("epochs", 0.0)):
+        cfg = lj.TrainConfig(**{field: value})
+        with pytest.raises(_train.ConfigError, match="--" + field.replace("_", "-")):
+            cfg.validate()
+
+
+def test_resume_config_rejects_architecture_changes():
+    stored = lj.TrainConfig(layers=2, hidden=32).to_dict()
+    assert _train.resume_config(stored, {}).layers == 2
+    assert _train.resume_config(stored, {"steps": 77}).steps == 77
+    with pytest.raises(_train.ConfigError, match="--layers"):
+        _train.resume_config(stored, {"layers": 3})
+    with pytest.raises(_train.ConfigError, match="--hidden"):
+        _train.resume_config(stored, {"hidden": 64})
+    with pytest.raises(_train.ConfigError, match="--dataset"):
+        _train.resume_config(stored, {"dataset": "fashion_mnist"})
+
+
+def _tiny_config(data_dir, **kw):
+    base = dict(dataset="fashion_mnist", data_dir=str(data_dir), layers=1, hidden=8, batch_size=16, steps=12,
+                eval_every=6, checkpoint_every=4, log_every=2, eval_batch_size=32, val_size=5000)
+    base.update(kw)
+    return lj.TrainConfig(**base)
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
+    data_dir = write_idx(tmp_path / "data")
+    cfg = _tiny_config(data_dir, lr=1e38, schedule="constant", clip_norm=None, steps=40, log_every=1,
+                       checkpoint_every=1, eval_every=40)
+    with pytest.raises(_train.NonFiniteLossError, match=r"at step \d+") as info:
+        lj.train_and_evaluate(cfg, tmp_path / "run", use_bar=False)
+    bad_step = int(str(info.value).split("at step ")[1].split(";")[0])
+    state, _, step = _train.restore_run(tmp_path / "run", which="latest")
+    assert step == bad_step - 1  # the checkpoint before the first non-finite loss
+    assert all(np.all(np.isfinite(leaf)) for leaf in jax.tree.leaves(state.params))
+
+
+def test_resume_in_process_gives_identical_parameters(tmp_path):
+    data_dir = write_idx(tmp_path / "data")
+    full = lj.train_and_evaluate(_tiny_config(data_dir, steps=12), tmp_path / "full", use_bar=False)
+    # Train 12 steps, delete every checkpoint after step 4 (as if killed there), resume.
+    lj.train_and_evaluate(_tiny_config(data_dir, steps=12, keep_checkpoints=10), tmp_path / "cut", use_bar=False)
+    from lstm_jax._checkpoint import Checkpoints
+
+    ck = Checkpoints(tmp_path / "cut" / "checkpoints")
+    for s in ck.all_steps():
+        if s > 4:
+            ck._manager.delete(s)
+    ck.close()
+    assert _train.restore_run(tmp_path / "cut", which="latest")[2] == 4
+    resumed = lj.train_and_evaluate(_tiny_config(data_dir, steps=12), tmp_path / "cut", resume=True, use_bar=False)
+    a, _, _ = _train.restore_run(tmp_path / "full", which="latest")
+    b, _, _ = _train.restore_run(tmp_path / "cut", which="latest")
+    assert resumed.final_step == full.final_step == 12
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_array_equal(x, y)
