@@ -22,6 +22,10 @@ each chunk; ``layer_fused`` does it in its backward scan over chunks, accumulati
 weight gradients with one matmul per chunk. Sequences are padded to a multiple of K with
 invalid steps (which leave the state unchanged), so any T works.
 
+``matmul_dtype=jnp.bfloat16`` runs every matmul with bfloat16 operands and float32
+accumulation (``preferred_element_type``); the gate math, the cell state and the returned
+values stay in the parameters' dtype. Meant for GPUs/TPUs with bfloat16 matrix units.
+
 Shapes: ``xs [T, B, in]``, ``h0, c0 [B, H]``, ``valid [T, B]`` bool (``t < lengths[b]``)
 or None, ``rmask [B, H]`` (recurrent dropout, scaled) or None. Returns
 ``ys [T, B, H]`` (zeros where not valid), ``h_T``, ``c_T``.
@@ -37,8 +41,23 @@ import jax.numpy as jnp
 from lstm_jax._cell import cell_update, gate_activations
 
 
-def _input_projection(xs, w_ih, b):
-    return jnp.einsum("tbi,ig->tbg", xs, w_ih) + b
+def _mm(a, b, out_dtype):
+    """``a @ b`` in ``b``'s dtype (bfloat16 when asked) accumulated in ``out_dtype``."""
+    return jnp.matmul(a.astype(b.dtype), b, preferred_element_type=out_dtype)
+
+
+def _einsum(spec, a, b, matmul_dtype, out_dtype):
+    if matmul_dtype is not None:
+        a, b = a.astype(matmul_dtype), b.astype(matmul_dtype)
+    return jnp.einsum(spec, a, b, preferred_element_type=out_dtype)
+
+
+def _input_projection(xs, w_ih, b, matmul_dtype=None):
+    return _einsum("tbi,ig->tbg", xs, w_ih, matmul_dtype, b.dtype) + b
+
+
+def _cast(w, matmul_dtype):
+    return w if matmul_dtype is None else w.astype(matmul_dtype)
 
 
 def _forward_steps(zx, w_hh, h0, c0, valid, rmask, unroll, save_residuals):
@@ -52,7 +71,7 @@ def _forward_steps(zx, w_hh, h0, c0, valid, rmask, unroll, save_residuals):
         h, c = carry
         zx_t, v_t = inputs
         h_in = h if rmask is None else h * rmask
-        acts = gate_activations(zx_t + h_in @ w_hh)
+        acts = gate_activations(zx_t + _mm(h_in, w_hh, zx_t.dtype))
         h_new, c_new, _ = cell_update(acts, c)
         if v_t is None:
             y = h_new
@@ -104,7 +123,7 @@ def _backward_steps(w_hh_t, d_ys, acts, hs, cs, h0, c0, valid, rmask, carry, unr
             ],
             axis=-1,
         )
-        dh_in = dz @ w_hh_t
+        dh_in = _mm(dz, w_hh_t, dz.dtype)
         if rmask is None:
             dh_prev = dh_in
         else:
@@ -127,11 +146,11 @@ def _backward_steps(w_hh_t, d_ys, acts, hs, cs, h0, c0, valid, rmask, carry, unr
     return carry, dz, h_prev
 
 
-def _weight_grads(xs, h_prev, dz, rmask):
+def _weight_grads(xs, h_prev, dz, rmask, matmul_dtype):
     """``dW_ih, dW_hh, db`` of one block: each a single matmul over all its timesteps."""
     h_in_prev = h_prev if rmask is None else h_prev * rmask
-    d_w_ih = jnp.einsum("tbi,tbg->ig", xs, dz)
-    d_w_hh = jnp.einsum("tbh,tbg->hg", h_in_prev, dz)
+    d_w_ih = _einsum("tbi,tbg->ig", xs, dz, matmul_dtype, dz.dtype)
+    d_w_hh = _einsum("tbh,tbg->hg", h_in_prev, dz, matmul_dtype, dz.dtype)
     return d_w_ih, d_w_hh, jnp.sum(dz, axis=(0, 1))
 
 
@@ -153,10 +172,13 @@ def _chunked(xs, valid, chunk):
     return split(xs), split(valid), time_steps
 
 
-def layer_scan(w_ih, w_hh, b, xs, h0, c0, valid=None, rmask=None, *, unroll=1, remat_chunk=None):
+def layer_scan(w_ih, w_hh, b, xs, h0, c0, valid=None, rmask=None, *, unroll=1, remat_chunk=None,
+               matmul_dtype=None):
     """Reference path: autodiff through ``lax.scan``. See the module docstring for shapes."""
+    w_hh = _cast(w_hh, matmul_dtype)
     if remat_chunk is None:
-        (h_t, c_t), ys = _forward_steps(_input_projection(xs, w_ih, b), w_hh, h0, c0, valid, rmask, unroll, False)
+        (h_t, c_t), ys = _forward_steps(_input_projection(xs, w_ih, b, matmul_dtype), w_hh, h0, c0, valid, rmask,
+                                        unroll, False)
         return ys, h_t, c_t
 
     xs_c, valid_c, time_steps = _chunked(xs, valid, remat_chunk)
@@ -164,7 +186,8 @@ def layer_scan(w_ih, w_hh, b, xs, h0, c0, valid=None, rmask=None, *, unroll=1, r
     @jax.checkpoint
     def chunk_body(carry, inputs):
         x_k, v_k = inputs
-        carry, ys = _forward_steps(_input_projection(x_k, w_ih, b), w_hh, *carry, v_k, rmask, unroll, False)
+        carry, ys = _forward_steps(_input_projection(x_k, w_ih, b, matmul_dtype), w_hh, *carry, v_k, rmask,
+                                   unroll, False)
         return carry, ys
 
     (h_t, c_t), ys = jax.lax.scan(chunk_body, (h0, c0), (xs_c, valid_c))
@@ -172,15 +195,17 @@ def layer_scan(w_ih, w_hh, b, xs, h0, c0, valid=None, rmask=None, *, unroll=1, r
 
 
 @functools.lru_cache(maxsize=None)
-def _fused_fn(unroll):
+def _fused_fn(unroll, matmul_dtype):
     @jax.custom_vjp
     def fused(w_ih, w_hh, b, xs, h0, c0, valid, rmask):
-        (h_t, c_t), ys = _forward_steps(_input_projection(xs, w_ih, b), w_hh, h0, c0, valid, rmask, unroll, False)
+        (h_t, c_t), ys = _forward_steps(_input_projection(xs, w_ih, b, matmul_dtype), _cast(w_hh, matmul_dtype), h0, c0, valid,
+                                        rmask, unroll, False)
         return ys, h_t, c_t
 
     def fwd(w_ih, w_hh, b, xs, h0, c0, valid, rmask):
         (h_t, c_t), (ys, acts, hs, cs) = _forward_steps(
-            _input_projection(xs, w_ih, b), w_hh, h0, c0, valid, rmask, unroll, True)
+            _input_projection(xs, w_ih, b, matmul_dtype), _cast(w_hh, matmul_dtype), h0, c0, valid, rmask, unroll,
+            True)
         return (ys, h_t, c_t), (w_ih, w_hh, xs, h0, c0, valid, rmask, acts, hs, cs)
 
     def bwd(residuals, cotangents):
@@ -188,9 +213,9 @@ def _fused_fn(unroll):
         d_ys, d_h_t, d_c_t = cotangents
         d_rmask = None if rmask is None else jnp.zeros_like(rmask)
         (dh0, dc0, d_rmask), dz, h_prev = _backward_steps(
-            w_hh.T, d_ys, acts, hs, cs, h0, c0, valid, rmask, (d_h_t, d_c_t, d_rmask), unroll)
-        d_w_ih, d_w_hh, d_b = _weight_grads(xs, h_prev, dz, rmask)
-        d_xs = jnp.einsum("tbg,ig->tbi", dz, w_ih)
+            _cast(w_hh.T, matmul_dtype), d_ys, acts, hs, cs, h0, c0, valid, rmask, (d_h_t, d_c_t, d_rmask), unroll)
+        d_w_ih, d_w_hh, d_b = _weight_grads(xs, h_prev, dz, rmask, matmul_dtype)
+        d_xs = _einsum("tbg,ig->tbi", dz, w_ih, matmul_dtype, dz.dtype).astype(xs.dtype)
         return d_w_ih, d_w_hh, d_b, d_xs, dh0, dc0, None, d_rmask
 
     fused.defvjp(fwd, bwd)
@@ -198,12 +223,13 @@ def _fused_fn(unroll):
 
 
 @functools.lru_cache(maxsize=None)
-def _fused_remat_fn(unroll, chunk):
+def _fused_remat_fn(unroll, chunk, matmul_dtype):
     """The fused layer keeping only every ``chunk``-th state for the backward pass."""
 
     @jax.custom_vjp
     def fused(w_ih, w_hh, b, xs, h0, c0, valid, rmask):
-        (h_t, c_t), ys = _forward_steps(_input_projection(xs, w_ih, b), w_hh, h0, c0, valid, rmask, unroll, False)
+        (h_t, c_t), ys = _forward_steps(_input_projection(xs, w_ih, b, matmul_dtype), _cast(w_hh, matmul_dtype), h0, c0, valid,
+                                        rmask, unroll, False)
         return ys, h_t, c_t
 
     def fwd(w_ih, w_hh, b, xs, h0, c0, valid, rmask):
@@ -211,7 +237,8 @@ def _fused_remat_fn(unroll, chunk):
 
         def chunk_body(carry, inputs):
             x_k, v_k = inputs
-            new_carry, ys = _forward_steps(_input_projection(x_k, w_ih, b), w_hh, *carry, v_k, rmask, unroll, False)
+            new_carry, ys = _forward_steps(_input_projection(x_k, w_ih, b, matmul_dtype), _cast(w_hh, matmul_dtype),
+                                           *carry, v_k, rmask, unroll, False)
             return new_carry, (ys, carry)  # keep the state at the chunk's start
 
         (h_t, c_t), (ys, starts) = jax.lax.scan(chunk_body, (h0, c0), (xs_c, valid_c))
@@ -223,17 +250,17 @@ def _fused_remat_fn(unroll, chunk):
         d_ys, d_h_t, d_c_t = cotangents
         time_steps = d_ys.shape[0]
         d_ys_c = _pad_time(d_ys, xs_c.shape[0] * chunk - time_steps).reshape(xs_c.shape[:2] + d_ys.shape[1:])
-        w_hh_t = w_hh.T
+        w_hh_c, w_hh_t = _cast(w_hh, matmul_dtype), _cast(w_hh.T, matmul_dtype)
 
         def chunk_body(carry, inputs):
             state_carry, (g_ih, g_hh, g_b) = carry
             x_k, v_k, dy_k, h_k, c_k = inputs
             _, (_, acts, hs, cs) = _forward_steps(
-                _input_projection(x_k, w_ih, b), w_hh, h_k, c_k, v_k, rmask, unroll, True)
+                _input_projection(x_k, w_ih, b, matmul_dtype), w_hh_c, h_k, c_k, v_k, rmask, unroll, True)
             state_carry, dz, h_prev = _backward_steps(
                 w_hh_t, dy_k, acts, hs, cs, h_k, c_k, v_k, rmask, state_carry, unroll)
-            d_w_ih, d_w_hh, d_b = _weight_grads(x_k, h_prev, dz, rmask)
-            d_x = jnp.einsum("tbg,ig->tbi", dz, w_ih)
+            d_w_ih, d_w_hh, d_b = _weight_grads(x_k, h_prev, dz, rmask, matmul_dtype)
+            d_x = _einsum("tbg,ig->tbi", dz, w_ih, matmul_dtype, dz.dtype).astype(x_k.dtype)
             return (state_carry, (g_ih + d_w_ih, g_hh + d_w_hh, g_b + d_b)), d_x
 
         d_rmask = None if rmask is None else jnp.zeros_like(rmask)
@@ -251,7 +278,11 @@ def _fused_remat_fn(unroll, chunk):
     return fused
 
 
-def layer_fused(w_ih, w_hh, b, xs, h0, c0, valid=None, rmask=None, *, unroll=1, remat_chunk=None):
+def layer_fused(w_ih, w_hh, b, xs, h0, c0, valid=None, rmask=None, *, unroll=1, remat_chunk=None,
+                matmul_dtype=None):
     """Fast path with a hand-written VJP. See the module docstring for shapes."""
-    fn = _fused_fn(unroll) if remat_chunk is None else _fused_remat_fn(unroll, remat_chunk)
+    if matmul_dtype is not None:
+        matmul_dtype = jnp.dtype(matmul_dtype)
+    fn = (_fused_fn(unroll, matmul_dtype) if remat_chunk is None
+          else _fused_remat_fn(unroll, remat_chunk, matmul_dtype))
     return fn(w_ih, w_hh, b, xs, h0, c0, valid, rmask)

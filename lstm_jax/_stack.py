@@ -49,6 +49,7 @@ def lstm(
     unroll: int = 1,
     impl: Literal["fused", "scan"] = "fused",
     remat_chunk: Optional[int] = None,
+    matmul_dtype=None,
 ) -> tuple[jax.Array, tuple[LSTMState, ...]]:
     """Runs a stack of LSTM layers over batch-first sequences.
 
@@ -74,6 +75,8 @@ def lstm(
       remat_chunk: keep only every ``remat_chunk``-th state for the backward pass and
         recompute each chunk of steps when it is differentiated (less memory for long
         sequences, about one extra forward pass of compute). None keeps everything.
+      matmul_dtype: e.g. ``jnp.bfloat16``: matmul operands in that dtype with accumulation,
+        gate math and cell state in the parameters' dtype (for GPU/TPU matrix units).
 
     Returns:
       ``(ys, final_state)``: ``ys [B, T, H]`` the top layer's outputs (after its output
@@ -94,6 +97,8 @@ def lstm(
         raise ValueError(f"unroll: expected a positive int, got {unroll!r}")
     if remat_chunk is not None and (isinstance(remat_chunk, bool) or not isinstance(remat_chunk, int) or remat_chunk < 1):
         raise ValueError(f"remat_chunk: expected None or a positive int, got {remat_chunk!r}")
+    if matmul_dtype is not None and not jnp.issubdtype(matmul_dtype, jnp.floating):
+        raise TypeError(f"matmul_dtype: expected None or a floating dtype such as jnp.bfloat16, got {matmul_dtype!r}")
     dtype = params[0].w_hh.dtype
 
     if initial_state is None:
@@ -145,7 +150,7 @@ def lstm(
     for p, state, out_mask, rec_mask in zip(params, initial_state, out_masks, rec_masks):
         ys, h_t, c_t = layer(p.w_ih, p.w_hh, fold_forget_bias(p.b, forget_bias), x, state.h, state.c,
                              valid, None if rec_mask is None else rec_mask.astype(dtype), unroll=unroll,
-                             remat_chunk=remat_chunk)
+                             remat_chunk=remat_chunk, matmul_dtype=matmul_dtype)
         if out_mask is not None:
             ys = ys * jnp.swapaxes(out_mask.astype(dtype), 0, 1)
         final_state.append(LSTMState(h_t, c_t))

@@ -100,3 +100,18 @@ def test_remat_chunk_is_validated():
     params = lj.init_lstm(jax.random.PRNGKey(0), 2, 3)
     with pytest.raises(ValueError, match="remat_chunk"):
         lj.lstm(params, jnp.ones((1, 4, 2)), remat_chunk=0)
+
+
+@pytest.mark.parametrize("impl,chunk", [("fused", None), ("fused", 4), ("scan", None)])
+def test_bfloat16_matmuls_stay_close_to_float32(impl, chunk):
+    params, xs, state, masks, lengths, w = _problem(jnp.float32, hidden=16)
+    ref_val, ref_grads = jax.value_and_grad(_loss, GRAD_ARGS)(params, xs, state, masks, lengths, w, impl="scan")
+    val, grads = jax.value_and_grad(_loss, GRAD_ARGS)(
+        params, xs, state, masks, lengths, w, impl=impl, remat_chunk=chunk, matmul_dtype=jnp.bfloat16)
+    # bfloat16 operands keep 8 bits of mantissa (relative rounding 2**-9 ~ 2e-3) while
+    # accumulation, gates and cell state stay float32: errors of a few 1e-3, not more.
+    assert _rel_err(val, ref_val) <= 2e-2
+    for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
+        assert got.dtype == want.dtype == jnp.float32
+        err = _rel_err(got, want)
+        assert 0 < err <= 2e-2  # > 0: the bfloat16 path really ran
