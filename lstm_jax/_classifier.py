@@ -10,6 +10,7 @@ softmax layer (the "MNIST as 28 timesteps of 28 pixels" model of the TF LSTM tut
 
 from __future__ import annotations
 
+import functools
 from typing import Literal, NamedTuple, Optional
 
 import jax
@@ -74,6 +75,12 @@ def init_classifier(
     num_classes = _positive_int(num_classes, "num_classes")
     if not jnp.issubdtype(dtype, jnp.floating):
         raise TypeError(f"dtype: expected a floating dtype, got {dtype}")
+    # One compiled program instead of a dozen eagerly dispatched random ops.
+    return _init_jit(key, input_size, hidden_size, num_layers, num_classes, jnp.dtype(dtype))
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4, 5))
+def _init_jit(key, input_size, hidden_size, num_layers, num_classes, dtype):
     k_lstm, k_out = jax.random.split(key)
     layers = init_lstm(k_lstm, input_size, hidden_size, num_layers, dtype=dtype)
     std = 1.0 / np.sqrt(hidden_size)

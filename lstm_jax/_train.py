@@ -292,7 +292,9 @@ def evaluate(
       params: :class:`ClassifierParams`.
       images: ``[N, T, in]`` uint8 pixels or floats (host or device arrays).
       labels: ``[N]`` ints.
-      batch_size: examples per forward pass.
+      batch_size: examples per forward pass; every batch (including a last partial one,
+        or a split smaller than ``batch_size``) is padded to this size so that each size
+        compiles once.
       forget_bias, impl, unroll: as in training (see :func:`classify`).
       return_predictions: also return the predicted class of every example.
 
@@ -309,7 +311,7 @@ def evaluate(
     forget_bias = float(forget_bias)
     images = np.asarray(images)
     labels = np.asarray(labels).astype(np.int32)
-    batch_size = min(batch_size, n)
+    # Every batch is padded to ``batch_size`` rows: one compilation for every split.
     totals = None
     preds = []
     for start in range(0, n, batch_size):
@@ -788,3 +790,24 @@ def confusion_matrix(labels, predictions, num_classes: int = 10) -> np.ndarray:
     predictions = np.asarray(predictions).astype(np.int64)
     return np.bincount(labels * num_classes + predictions, minlength=num_classes * num_classes).reshape(
         num_classes, num_classes)
+
+
+def enable_compilation_cache(directory: Optional[os.PathLike | str] = None) -> Optional[Path]:
+    """Turns on JAX's persistent compilation cache so that a second run (or a resumed one)
+    skips XLA compilation.
+
+    Uses ``directory``, else ``$JAX_COMPILATION_CACHE_DIR`` if set, else
+    ``<lstm_jax cache dir>/jax`` (see :func:`lstm_jax.data.default_cache_dir`). Returns the
+    folder, or None when it cannot be created (the cache is then left off).
+    """
+    from lstm_jax import data
+
+    if directory is None:
+        directory = os.environ.get("JAX_COMPILATION_CACHE_DIR") or (data.default_cache_dir() / "jax")
+    path = Path(directory).expanduser()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        jax.config.update("jax_compilation_cache_dir", str(path))
+    except (OSError, AttributeError):
+        return None
+    return path

@@ -56,7 +56,9 @@ def main(argv=None) -> int:
 
     from lstm_jax import data
     from lstm_jax._metrics import plot_errors
-    from lstm_jax._train import ConfigError, confusion_matrix, evaluate, restore_run
+    from lstm_jax._train import ConfigError, confusion_matrix, enable_compilation_cache, evaluate, restore_run
+
+    enable_compilation_cache()
 
     try:
         state, config, step = restore_run(args.workdir, step=args.step)

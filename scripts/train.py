@@ -110,7 +110,10 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     from lstm_jax import data
-    from lstm_jax._train import ConfigError, NonFiniteLossError, TrainConfig, train_and_evaluate
+    from lstm_jax._train import (ConfigError, NonFiniteLossError, TrainConfig, enable_compilation_cache,
+                                 train_and_evaluate)
+
+    enable_compilation_cache()
 
     fields = {f for f in TrainConfig.__dataclass_fields__}
     values = {k: v for k, v in vars(args).items() if k in fields}
