@@ -325,7 +325,7 @@ class TorchImpl(Impl):
         self.device = torch.device(device)
         lstm_params, head_w, head_b = weights
         self.lstm = torch.nn.LSTM(shape.inputs, shape.hidden, shape.layers, batch_first=True)
-        self.lstm.load_state_dict({k: torch.from_numpy(v) for k, v in lj.to_torch(lstm_params).items()})
+        self.lstm.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in lj.to_torch(lstm_params).items()})
         self.head = torch.nn.Linear(shape.hidden, NUM_CLASSES)
         with torch.no_grad():
             self.head.weight.copy_(torch.from_numpy(np.ascontiguousarray(head_w.T)))

@@ -570,7 +570,7 @@ def parse_args(argv=None):
     ap.add_argument("--steps", type=int, help="timed steps per implementation and phase (default 30; 20 for pixel/large; --quick 20, 5 for pixel/large)")
     ap.add_argument("--out", default=str(HERE / "results"), help="results folder (default bench/results)")
     ap.add_argument("--no-testset", action="store_true", help="skip the test-set inference")
-    ap.add_argument("--testset-passes", type=int, help="timed passes over the test set (default 5; --quick 1)")
+    ap.add_argument("--testset-passes", type=int, help="timed passes over the test set (default 3; --quick 1)")
     ap.add_argument("--rounds", type=int, default=5, help="rounds the timed steps are interleaved in (default 5)")
     ap.add_argument("--warmup", type=int, help="untimed steps after the first result (default 2; --quick 1)")
     ap.add_argument("--input-sets", type=int, help="distinct random input batches rotated through (default 4; --quick 2)")
@@ -591,7 +591,7 @@ def parse_args(argv=None):
         ap.error("--steps must be positive")
     args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
     args.input_sets = args.input_sets if args.input_sets is not None else (2 if args.quick else 4)
-    args.testset_passes = args.testset_passes if args.testset_passes is not None else (1 if args.quick else 5)
+    args.testset_passes = args.testset_passes if args.testset_passes is not None else (1 if args.quick else 3)
     return args
 
 
