@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("data")
     g.add_argument("--dataset", choices=["mnist", "fashion_mnist"], default=d.dataset, help="which dataset")
     g.add_argument("--data-dir", default=d.data_dir,
-                   help="folder with the 4 IDX files (gzipped or raw); default: download with TFDS's checksums")
+                   help="folder with the 4 IDX files (gzipped or raw); unset: download them with TFDS's checksums")
     g.add_argument("--val-size", type=int, default=d.val_size,
                    help="validation images held out from the end of the training file (for a 60,000-image "
                         "training set; smaller sets get a proportionate split; 0 = none)")
@@ -58,11 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("training")
     g.add_argument("--batch-size", type=int, default=d.batch_size, help="training batch size")
     g.add_argument("--steps", type=int, default=d.steps, help="training steps (batches)")
-    g.add_argument("--epochs", type=float, default=d.epochs, help="train this many epochs instead of --steps")
+    g.add_argument("--epochs", type=float, default=d.epochs, help="train this many epochs (of the training split) instead of --steps")
     g.add_argument("--lr", type=float, default=d.lr, help="peak Adam learning rate")
     g.add_argument("--schedule", choices=SCHEDULES, default=d.schedule, help="learning-rate schedule")
     g.add_argument("--warmup-steps", type=int, default=d.warmup_steps,
-                   help="warmup of warmup_cosine (default: min(500, steps/20))")
+                   help="linear warmup steps of warmup_cosine; unset: min(500, steps/20)")
     g.add_argument("--clip-norm", type=float, default=d.clip_norm,
                    help="clip gradients to this global norm (optax.clip_by_global_norm); 0 = no clipping")
     g.add_argument("--seed", type=int, default=d.seed, help="seed of the initialisation, data order and dropout")
