@@ -41,6 +41,8 @@ for p in (str(ROOT), str(HERE)):
 
 # JAX would otherwise take 75% of a GPU's memory up front and leave torch the rest.
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+# Times to first result include compilation: no persistent compilation cache may serve it.
+os.environ.pop("JAX_COMPILATION_CACHE_DIR", None)
 
 import numpy as np  # noqa: E402
 
@@ -195,6 +197,7 @@ class Env:
     def __init__(self, args):
         import jax
 
+        jax.config.update("jax_enable_compilation_cache", False)
         self.jax_device = jax.devices()[0]
         self.platform = jax.default_backend()  # "cpu", "gpu"/"cuda", "rocm", "tpu"
         self.on_gpu = self.platform in ("gpu", "cuda", "rocm")
@@ -528,14 +531,14 @@ def markdown(report: dict) -> str:
                 uniq.append(p)
         if len(uniq) < 2:
             continue
-        lines += [f"## Sweep over {sym} (train step ms, % of GEMM floor in parentheses)", "",
+        lines += [f"## Sweep over {sym}: train / infer ms (train step's % of the GEMM floor)", "",
                   f"| {sym} | config | " + " | ".join(IMPLS) + " |", "|---|---|" + "---|" * len(IMPLS)]
         for val, n, c in uniq:
             cells = []
             for impl in IMPLS:
                 e = c["results"].get(impl, {})
-                st = e.get("train")
-                cells.append(f"{_ms(st['median_s'])} ({_pct(e, 'train')})" if st else "—")
+                st, si = e.get("train"), e.get("infer")
+                cells.append(f"{_ms(st['median_s'])} / {_ms(si['median_s'] if si else None)} ({_pct(e, 'train')})" if st else "—")
             lines.append(f"| {val} | {n} | " + " | ".join(cells) + " |")
         lines.append("")
     ts = report.get("testset")
