@@ -149,9 +149,13 @@ def _backward_steps(w_hh_t, d_ys, acts, hs, cs, h0, c0, valid, rmask, carry, unr
 def _weight_grads(xs, h_prev, dz, rmask, matmul_dtype):
     """``dW_ih, dW_hh, db`` of one block: each a single matmul over all its timesteps."""
     h_in_prev = h_prev if rmask is None else h_prev * rmask
-    d_w_ih = _einsum("tbi,tbg->ig", xs, dz, matmul_dtype, dz.dtype)
-    d_w_hh = _einsum("tbh,tbg->hg", h_in_prev, dz, matmul_dtype, dz.dtype)
-    return d_w_ih, d_w_hh, jnp.sum(dz, axis=(0, 1))
+    # Flattened to [T*B, .]: a plain transposed-LHS GEMM, measurably faster on XLA:CPU than
+    # contracting the two axes (t, b) in one einsum.
+    flat = lambda a: a.reshape(-1, a.shape[-1])  # noqa: E731
+    dz_flat = flat(dz)
+    d_w_ih = _einsum("ni,ng->ig", flat(xs), dz_flat, matmul_dtype, dz.dtype)
+    d_w_hh = _einsum("nh,ng->hg", flat(h_in_prev), dz_flat, matmul_dtype, dz.dtype)
+    return d_w_ih, d_w_hh, jnp.sum(dz_flat, axis=0)
 
 
 def _pad_time(x, pad, value=0):
