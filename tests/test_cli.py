@@ -4,8 +4,10 @@ line on stderr, no traceback)."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import shutil
 import random
 import re
 import signal
@@ -274,13 +276,30 @@ BAD_FLAGS = [
     (["--no-such-flag"], r"unrecognized"),
     (["--resume", "--overwrite"], r"--overwrite"),
 ]
+#: Checked in a real subprocess; the others call the same main() in-process (faster:
+#: each subprocess pays for importing JAX).
+SUBPROCESS_FLAGS = {("--layers", "0"), ("--lr", "-1"), ("--dropout", "1.5"), ("--layers", "two"), ("--steps", "0")}
+
+
+def _load_train_main():
+    spec = importlib.util.spec_from_file_location("_train_cli_under_test", TRAIN)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
 
 
 @pytest.mark.parametrize("args, pattern", BAD_FLAGS, ids=[" ".join(a) for a, _ in BAD_FLAGS])
-def test_nonsensical_flags(tmp_path, idx_dir, args, pattern):
-    r = run(TRAIN, "--dataset", "fashion_mnist", "--data-dir", idx_dir, "--workdir", tmp_path / "w", *args,
-            tmp=tmp_path)
+def test_nonsensical_flags(tmp_path, idx_dir, args, pattern, capsys):
+    argv = ["--dataset", "fashion_mnist", "--data-dir", str(idx_dir), "--workdir", str(tmp_path / "w"), *args]
+    if tuple(args) in SUBPROCESS_FLAGS:
+        r = run(TRAIN, *argv, tmp=tmp_path)
+    else:
+        with pytest.raises(SystemExit) as info:
+            _load_train_main()(argv)
+        out, err = capsys.readouterr()
+        r = subprocess.CompletedProcess(argv, info.value.code, out, err)
     assert_one_line_error(r, 2, pattern)
+    assert not (tmp_path / "w" / "checkpoints").exists()
 
 
 def test_batch_size_larger_than_the_training_set(tmp_path, idx_dir):
@@ -370,14 +389,16 @@ def test_existing_checkpoints_need_resume_or_overwrite(tiny_run, tmp_mod, idx_di
     assert "test accuracy" in r.stdout
 
 
-def test_overwrite_starts_over(tmp_path, idx_dir):
+def test_overwrite_starts_over(tiny_run, tmp_path, idx_dir):
+    workdir = tmp_path / "w"
+    shutil.copytree(tiny_run, workdir)
     args = (*TINY, "--data-dir", idx_dir, "--steps", "4", "--eval-every", "2", "--checkpoint-every", "2")
-    assert run(TRAIN, *args, "--workdir", tmp_path / "w", tmp=tmp_path).returncode == 0
-    r = run(TRAIN, *args, "--seed", "1", "--overwrite", "--workdir", tmp_path / "w", tmp=tmp_path)
+    r = run(TRAIN, *args, "--seed", "1", "--overwrite", "--workdir", workdir, tmp=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
-    records = [json.loads(line) for line in (tmp_path / "w" / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     assert [rec["step"] for rec in records] == [2, 4]
-    assert _params_of(tmp_path / "w")[1].seed == 1
+    leaves, config, step = _params_of(workdir)
+    assert config.seed == 1 and step == 4
 
 
 def test_non_finite_loss_exits_1_naming_the_step(tmp_path, idx_dir):

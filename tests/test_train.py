@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import importlib.util
 import pathlib
-import struct
 
 import jax
 import jax.numpy as jnp
@@ -19,24 +18,6 @@ from lstm_jax import _train
 _spec = importlib.util.spec_from_file_location("_lstm_reference_train", pathlib.Path(__file__).with_name("reference.py"))
 ref = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(ref)
-
-
-def write_idx(folder: pathlib.Path, n_train: int = 240, n_test: int = 50, seed: int = 0) -> pathlib.Path:
-    """Writes 4 small, learnable IDX files (the class is encoded in a bright row)."""
-    rng = np.random.default_rng(seed)
-    folder.mkdir(parents=True, exist_ok=True)
-
-    def images_labels(n):
-        labels = rng.integers(0, 10, n).astype(np.uint8)
-        images = rng.integers(0, 60, (n, 28, 28)).astype(np.uint8)
-        images[np.arange(n), 2 * labels + 4, :] = 255
-        return images, labels
-
-    for split, n in (("train", n_train), ("t10k", n_test)):
-        images, labels = images_labels(n)
-        (folder / f"{split}-images-idx3-ubyte").write_bytes(struct.pack(">IIII", 0x803, n, 28, 28) + images.tobytes())
-        (folder / f"{split}-labels-idx1-ubyte").write_bytes(struct.pack(">II", 0x801, n) + labels.tobytes())
-    return folder
 
 
 def _small_setup(layers=2, hidden=8, batch=16, steps=10, clip=1.0):
@@ -214,43 +195,3 @@ def test_resume_config_rejects_architecture_changes():
         _train.resume_config(stored, {"hidden": 64})
     with pytest.raises(_train.ConfigError, match="--dataset"):
         _train.resume_config(stored, {"dataset": "fashion_mnist"})
-
-
-def _tiny_config(data_dir, **kw):
-    base = dict(dataset="fashion_mnist", data_dir=str(data_dir), layers=1, hidden=8, batch_size=16, steps=12,
-                eval_every=6, checkpoint_every=4, log_every=2, eval_batch_size=32, val_size=5000)
-    base.update(kw)
-    return lj.TrainConfig(**base)
-
-
-def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
-    data_dir = write_idx(tmp_path / "data")
-    cfg = _tiny_config(data_dir, lr=1e38, schedule="constant", clip_norm=None, steps=40, log_every=1,
-                       checkpoint_every=1, eval_every=40)
-    with pytest.raises(_train.NonFiniteLossError, match=r"at step \d+") as info:
-        lj.train_and_evaluate(cfg, tmp_path / "run", use_bar=False)
-    bad_step = int(str(info.value).split("at step ")[1].split(";")[0])
-    state, _, step = _train.restore_run(tmp_path / "run", which="latest")
-    assert step == bad_step - 1  # the checkpoint before the first non-finite loss
-    assert all(np.all(np.isfinite(leaf)) for leaf in jax.tree.leaves(state.params))
-
-
-def test_resume_in_process_gives_identical_parameters(tmp_path):
-    data_dir = write_idx(tmp_path / "data")
-    full = lj.train_and_evaluate(_tiny_config(data_dir, steps=12), tmp_path / "full", use_bar=False)
-    # Train 12 steps, delete every checkpoint after step 4 (as if killed there), resume.
-    lj.train_and_evaluate(_tiny_config(data_dir, steps=12, keep_checkpoints=10), tmp_path / "cut", use_bar=False)
-    from lstm_jax._checkpoint import Checkpoints
-
-    ck = Checkpoints(tmp_path / "cut" / "checkpoints")
-    for s in ck.all_steps():
-        if s > 4:
-            ck._manager.delete(s)
-    ck.close()
-    assert _train.restore_run(tmp_path / "cut", which="latest")[2] == 4
-    resumed = lj.train_and_evaluate(_tiny_config(data_dir, steps=12), tmp_path / "cut", resume=True, use_bar=False)
-    a, _, _ = _train.restore_run(tmp_path / "full", which="latest")
-    b, _, _ = _train.restore_run(tmp_path / "cut", which="latest")
-    assert resumed.final_step == full.final_step == 12
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-        np.testing.assert_array_equal(x, y)
