@@ -591,7 +591,7 @@ def train_and_evaluate(
     if config.batch_size > n_train:
         raise ConfigError(f"--batch-size {config.batch_size} is larger than the {n_train} training examples")
     batches_per_epoch = n_train // config.batch_size
-    if config.epochs is not None and not resume:
+    if config.epochs is not None and (not resume or "epochs" in (requested or {})):
         config = dataclasses.replace(config, steps=max(1, int(round(config.epochs * batches_per_epoch))))
         config.validate()
     time_steps, features = splits.train_images.shape[1:]
