@@ -76,10 +76,9 @@ def check_state(state, name: str, batch: int, hidden: int) -> None:
 def check_rate(rate, name: str) -> float:
     if isinstance(rate, jax.core.Tracer):
         raise TypeError(f"{name}: expected a Python float in [0, 1), got a traced value; mark it static")
-    try:
-        r = float(rate)
-    except (TypeError, ValueError):
-        raise TypeError(f"{name}: expected a float in [0, 1), got {rate!r}") from None
+    if isinstance(rate, (bool, np.bool_)) or not isinstance(rate, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{name}: expected a float in [0, 1), got {type(rate).__name__} {rate!r}")
+    r = float(rate)
     if not 0.0 <= r < 1.0:
         raise ValueError(f"{name}: expected a rate in [0, 1), got {rate!r}")
     return r

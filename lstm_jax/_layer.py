@@ -99,8 +99,9 @@ def _backward_steps(w_hh_t, d_ys, acts, hs, cs, h0, c0, valid, rmask, carry, unr
     step. Returns ``((dh0, dc0, d_rmask), dz)`` with ``dz [T, B, 4H]`` the cotangent of the
     pre-activations, from which every weight and input gradient is one matmul.
     """
-    h_prev = jnp.concatenate([h0[None], hs[:-1]], axis=0)  # [T, B, H]
-    c_prev = jnp.concatenate([c0[None], cs[:-1]], axis=0)
+    # The state before each step, [T, B, H] (also for T = 0).
+    h_prev = jnp.concatenate([h0[None], hs], axis=0)[:-1]
+    c_prev = jnp.concatenate([c0[None], cs], axis=0)[:-1]
 
     def step(carry, inputs):
         dh, dc, d_rmask = carry

@@ -115,11 +115,15 @@ def lstm(
 
     valid = None
     if lengths is not None:
-        if not hasattr(lengths, "shape") or tuple(np.shape(lengths)) != (batch,):
+        if isinstance(lengths, (list, tuple)):
+            lengths = np.asarray(lengths)
+        if not hasattr(lengths, "shape"):
+            raise TypeError(f"lengths: expected an integer array of shape [{batch}], got {type(lengths).__name__}")
+        if tuple(np.shape(lengths)) != (batch,):
             raise ValueError(f"lengths: expected shape [{batch}] (one per sequence), got {tuple(np.shape(lengths))}")
         if not jnp.issubdtype(jnp.asarray(lengths).dtype, jnp.integer):
             raise TypeError(f"lengths: expected an integer array, got dtype {jnp.asarray(lengths).dtype}")
-        if _checks.is_concrete(lengths):
+        if _checks.is_concrete(lengths) and batch > 0:
             concrete = np.asarray(lengths)  # np.min(jax_array) would trace under jit
             lo, hi = int(concrete.min()), int(concrete.max())
             if lo < 0 or hi > time_steps:

@@ -529,3 +529,39 @@ def test_lstm_cell_under_jit(params):
     f = jax.jit(lj.lstm_cell)
     with pytest.raises(ValueError, match=_name("x")):
         f(params[0], _state()[0], jnp.zeros((B, F + 1)))
+
+
+# --- regressions found while reviewing the properties above -----------------------------
+
+
+def test_lengths_may_be_a_python_list():
+    params = lj.init_lstm(jax.random.PRNGKey(0), 2, 3)
+    xs = jnp.ones((2, 4, 2))
+    ys_list, _ = lj.lstm(params, xs, lengths=[4, 1])
+    ys_array, _ = lj.lstm(params, xs, lengths=jnp.array([4, 1]))
+    np.testing.assert_array_equal(ys_list, ys_array)
+
+
+@pytest.mark.parametrize("rate", ["0.5", True, None])
+def test_dropout_rate_must_be_a_number(rate):
+    params = lj.init_lstm(jax.random.PRNGKey(0), 2, 3)
+    with pytest.raises(TypeError, match=r"\bdropout\b"):
+        lj.lstm(params, jnp.ones((1, 2, 2)), dropout=rate, key=jax.random.PRNGKey(1))
+
+
+def test_fused_gradient_of_an_empty_sequence_is_zero():
+    params = lj.init_lstm(jax.random.PRNGKey(0), 2, 3)
+    xs = jnp.ones((2, 0, 2))
+    state = tuple(lj.LSTMState(jnp.ones((2, 3)), jnp.ones((2, 3))) for _ in params)
+
+    def loss(p, s, impl):
+        _, final = lj.lstm(p, xs, initial_state=s, impl=impl)
+        return sum(jnp.sum(f.h * f.c) for f in final)
+
+    g_fused = jax.grad(loss, (0, 1))(params, state, "fused")
+    g_scan = jax.grad(loss, (0, 1))(params, state, "scan")
+    for a, b in zip(jax.tree.leaves(g_fused), jax.tree.leaves(g_scan)):
+        np.testing.assert_allclose(a, b, rtol=1e-6)
+    # With no steps the final state is the initial one: d(h*c)/dh = c = 1; weights get nothing.
+    np.testing.assert_array_equal(g_fused[1][0].h, np.ones((2, 3)))
+    assert all(float(jnp.abs(w).max()) == 0 for w in jax.tree.leaves(g_fused[0]))
