@@ -199,13 +199,20 @@ def layer_scan(w_ih, w_hh, b, xs, h0, c0, valid=None, rmask=None, *, unroll=1, r
     return ys.reshape((-1,) + ys.shape[2:])[:time_steps], h_t, c_t
 
 
+def _primal_fn(unroll, matmul_dtype):
+    """The forward of the fused layer (shared by the stored and the remat variants)."""
+
+    def primal(w_ih, w_hh, b, xs, h0, c0, valid, rmask):
+        (h_t, c_t), ys = _forward_steps(_input_projection(xs, w_ih, b, matmul_dtype), _cast(w_hh, matmul_dtype), h0, c0,
+                                        valid, rmask, unroll, False)
+        return ys, h_t, c_t
+
+    return primal
+
+
 @functools.lru_cache(maxsize=None)
 def _fused_fn(unroll, matmul_dtype):
-    @jax.custom_vjp
-    def fused(w_ih, w_hh, b, xs, h0, c0, valid, rmask):
-        (h_t, c_t), ys = _forward_steps(_input_projection(xs, w_ih, b, matmul_dtype), _cast(w_hh, matmul_dtype), h0, c0, valid,
-                                        rmask, unroll, False)
-        return ys, h_t, c_t
+    fused = jax.custom_vjp(_primal_fn(unroll, matmul_dtype))
 
     def fwd(w_ih, w_hh, b, xs, h0, c0, valid, rmask):
         (h_t, c_t), (ys, acts, hs, cs) = _forward_steps(
@@ -231,11 +238,7 @@ def _fused_fn(unroll, matmul_dtype):
 def _fused_remat_fn(unroll, chunk, matmul_dtype):
     """The fused layer keeping only every ``chunk``-th state for the backward pass."""
 
-    @jax.custom_vjp
-    def fused(w_ih, w_hh, b, xs, h0, c0, valid, rmask):
-        (h_t, c_t), ys = _forward_steps(_input_projection(xs, w_ih, b, matmul_dtype), _cast(w_hh, matmul_dtype), h0, c0, valid,
-                                        rmask, unroll, False)
-        return ys, h_t, c_t
+    fused = jax.custom_vjp(_primal_fn(unroll, matmul_dtype))
 
     def fwd(w_ih, w_hh, b, xs, h0, c0, valid, rmask):
         xs_c, valid_c, time_steps = _chunked(xs, valid, chunk)

@@ -1,0 +1,176 @@
+#!/usr/bin/env python
+"""Design choices of the fused layer, decided by measurement (issue: "choose by measurement").
+
+    python bench/ablations.py                         # tutorial + single128 + pixel
+    python bench/ablations.py --configs tutorial --steps 20
+
+Times the lstm_jax training step (the same model and step as ``bench/run.py``: stack +
+linear head, softmax cross-entropy, optax Adam, jitted with donation) in one process,
+interleaved, for these variants of ``impl="fused"``:
+
+* ``store`` (the library's choice): the forward scan saves the gate activations
+  ``[T, B, 4H]`` for the backward pass.
+* ``recompute``: the forward saves only the states; the backward recomputes the gate
+  pre-activations as one large matmul over all timesteps (``[x_t, h_{t-1}] @ [W_ih; W_hh]``,
+  not sequential, since every ``h_{t-1}`` is known), costing about 1/3 more FLOPs but
+  ``4H`` fewer floats stored per step.
+* ``unroll=2`` and ``unroll=4``: ``lax.scan``'s unroll of both scans.
+
+It also reports each variant's time to first result (compile + first step) and XLA's
+static memory figure. Results go to stdout and, with ``--out``, a JSON file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+for p in (str(HERE.parent), str(HERE)):
+    if p not in sys.path:
+        sys.path.insert(0, p)
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+import peers  # noqa: E402
+import run as bench_run  # noqa: E402
+from lstm_jax import _layer, _stack  # noqa: E402
+from lstm_jax._cell import gate_activations  # noqa: E402
+
+
+@functools.lru_cache(maxsize=None)
+def _recompute_fn(unroll):
+    """``layer_fused`` without saved activations (float32 matmuls, no remat)."""
+
+    def forward(w_ih, w_hh, b, xs, h0, c0, valid, rmask):
+        (h_t, c_t), ys = _layer._forward_steps(_layer._input_projection(xs, w_ih, b), w_hh, h0, c0, valid, rmask,
+                                               unroll, False)
+        return ys, h_t, c_t
+
+    @jax.custom_vjp
+    def fused(w_ih, w_hh, b, xs, h0, c0, valid, rmask):
+        return forward(w_ih, w_hh, b, xs, h0, c0, valid, rmask)
+
+    def fwd(w_ih, w_hh, b, xs, h0, c0, valid, rmask):
+        (h_t, c_t), (ys, _acts, hs, cs) = _layer._forward_steps(
+            _layer._input_projection(xs, w_ih, b), w_hh, h0, c0, valid, rmask, unroll, True)
+        # Only the states are kept; acts is dead and XLA drops it from the scan's outputs.
+        return (ys, h_t, c_t), (w_ih, w_hh, b, xs, h0, c0, valid, rmask, hs, cs)
+
+    def bwd(residuals, cotangents):
+        w_ih, w_hh, b, xs, h0, c0, valid, rmask, hs, cs = residuals
+        d_ys, d_h_t, d_c_t = cotangents
+        h_prev = jnp.concatenate([h0[None], hs], axis=0)[:-1]
+        h_in = h_prev if rmask is None else h_prev * rmask
+        acts = gate_activations(_layer._input_projection(xs, w_ih, b) + jnp.einsum("tbh,hg->tbg", h_in, w_hh))
+        d_rmask = None if rmask is None else jnp.zeros_like(rmask)
+        (dh0, dc0, d_rmask), dz, h_prev = _layer._backward_steps(
+            w_hh.T, d_ys, acts, hs, cs, h0, c0, valid, rmask, (d_h_t, d_c_t, d_rmask), unroll)
+        d_w_ih, d_w_hh, d_b = _layer._weight_grads(xs, h_prev, dz, rmask, None)
+        d_xs = jnp.einsum("tbg,ig->tbi", dz, w_ih).astype(xs.dtype)
+        return d_w_ih, d_w_hh, d_b, d_xs, dh0, dc0, None, d_rmask
+
+    fused.defvjp(fwd, bwd)
+    return fused
+
+
+def layer_recompute(w_ih, w_hh, b, xs, h0, c0, valid=None, rmask=None, *, unroll=1, remat_chunk=None,
+                    matmul_dtype=None):
+    if remat_chunk is not None or matmul_dtype is not None:
+        raise ValueError("the recompute ablation supports neither remat_chunk nor matmul_dtype")
+    return _recompute_fn(unroll)(w_ih, w_hh, b, xs, h0, c0, valid, rmask)
+
+
+# Registered under a private name so that lj.lstm(impl=...) runs it through the same stack code.
+_stack._IMPLS["_recompute"] = layer_recompute
+
+VARIANTS = {
+    "store": {"impl": "fused", "unroll": 1},
+    "recompute": {"impl": "_recompute", "unroll": 1},
+    "unroll2": {"impl": "fused", "unroll": 2},
+    "unroll4": {"impl": "fused", "unroll": 4},
+}
+
+
+def make_variant(name, shape, data, weights):
+    spec = VARIANTS[name]
+    impl = peers.make_lstm_jax(shape, data, weights, spec["impl"], spec["unroll"])
+    impl.name = name
+    return impl
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--configs", default="tutorial,single128,pixel")
+    ap.add_argument("--steps", type=int, default=20, help="timed training steps per variant (default 20)")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    args = ap.parse_args(argv)
+
+    jax.config.update("jax_enable_compilation_cache", False)
+    report = {"device": bench_run.device_name(jax.default_backend(), jax.devices()[0]),
+              "versions": bench_run.versions(), "git": bench_run.git_info(), "configs": {}}
+    print(f"device {report['device']}; {report['versions']}", flush=True)
+    for cname in args.configs.split(","):
+        shape = bench_run.CONFIGS[cname][0]
+        data = peers.Data.make(shape, sets=2, seed=0)
+        weights = peers.init_reference_weights(shape, 0)
+        impls, first, losses = {}, {}, {}
+        grads = {}
+        for v in args.variants.split(","):
+            impls[v] = make_variant(v, shape, data, weights)
+            i = impls[v]
+            grads[v] = jax.jit(jax.grad(i._loss_fn))(i._params, i._xs[0], i._ys[0])
+            first[v] = impls[v].setup_train()
+            losses[v] = impls[v].first_loss
+            impls[v].train_step(1)  # warm-up
+        errors: dict = {}
+        times = bench_run.interleaved({v: i.train_step for v, i in impls.items()}, args.steps, args.rounds, errors)
+        flops = shape.train_flops()
+        rows = {}
+        base = None
+        for v in impls:
+            if v in errors:
+                rows[v] = {"error": errors[v]}
+                continue
+            st = bench_run.stats(times[v])
+            mem = impls[v].memory()["train"]
+            base = base or st["median_s"]
+            rows[v] = {**st, "first_result_s": first[v], "first_loss": losses[v],
+                       "gflops_per_s": flops / st["median_s"] / 1e9, "vs_store": st["median_s"] / base,
+                       "xla_total_bytes": None if mem is None else mem["total_bytes"]}
+        report["configs"][cname] = {"shape": vars(shape), "train_flops": flops, "variants": rows}
+        print(f"\n{cname} {vars(shape)}  (training step, median of {args.steps})")
+        print(f"{'variant':<10} {'ms':>9} {'q1-q3 ms':>17} {'x store':>8} {'GFLOP/s':>8} {'first s':>8} {'XLA MiB':>8}")
+        for v, r in rows.items():
+            if "error" in r:
+                print(f"{v:<10} error: {r['error']}")
+                continue
+            mib = "-" if r["xla_total_bytes"] is None else f"{r['xla_total_bytes'] / 2**20:.1f}"
+            print(f"{v:<10} {r['median_s'] * 1e3:9.1f} {r['q1_s'] * 1e3:8.1f}-{r['q3_s'] * 1e3:<8.1f} "
+                  f"{r['vs_store']:8.3f} {r['gflops_per_s']:8.1f} {r['first_result_s']:8.2f} {mib:>8}", flush=True)
+        # The variants compute the same model: their first losses and gradients must agree.
+        ls = [r["first_loss"] for r in rows.values() if "first_loss" in r]
+        assert max(ls) - min(ls) <= 1e-4 * max(1.0, abs(ls[0])), f"variants disagree on the first loss: {losses}"
+        ref = jax.tree.leaves(grads[next(iter(grads))])
+        for v, g in grads.items():
+            err = max(float(jnp.max(jnp.abs(a - r)) / (jnp.max(jnp.abs(r)) + 1e-30))
+                      for a, r in zip(jax.tree.leaves(g), ref))
+            report["configs"][cname]["variants"][v]["grad_rel_err_vs_first"] = err
+            assert err < 1e-4, f"{v}: gradients differ from the first variant's by {err:.2e} (relative)"
+        print("gradients agree: max relative difference "
+              + ", ".join(f"{v} {r['grad_rel_err_vs_first']:.1e}" for v, r in rows.items() if "error" not in r))
+    if args.out:
+        args.out.write_text(json.dumps(report, indent=1))
+        print(f"\nwrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
