@@ -1,5 +1,7 @@
 """The fast path (custom VJP, remat) against autodiff through the plain scan."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,20 +16,24 @@ def _rel_err(a, b):
 
 
 def _problem(dtype, *, batch=4, time_steps=9, features=5, hidden=6, layers=2, seed=0):
-    key = jax.random.PRNGKey(seed)
-    k_p, k_x, k_s, k_m, k_r = jax.random.split(key, 5)
-    params = lj.init_lstm(k_p, features, hidden, layers, dtype=dtype)
-    xs = jax.random.normal(k_x, (batch, time_steps, features), dtype)
-    s_keys = jax.random.split(k_s, 2 * layers)
-    state = tuple(
-        lj.LSTMState(0.5 * jax.random.normal(s_keys[2 * k], (batch, hidden), dtype),
-                     0.5 * jax.random.normal(s_keys[2 * k + 1], (batch, hidden), dtype))
-        for k in range(layers)
-    )
-    masks = lj.make_dropout_masks(key=k_m, params=params, batch_size=batch, time_steps=time_steps,
-                                  dropout=0.3, recurrent_dropout=0.25)
+    # NumPy, not jax.random: eager jax.random calls compile a kernel per shape and dtype,
+    # which took most of this file's time. The values only need to be generic.
+    rng = np.random.default_rng(seed)
+    normal = lambda *shape, scale=1.0: jnp.asarray(scale * rng.standard_normal(shape), dtype)  # noqa: E731
+    sizes = [features] + [hidden] * (layers - 1)
+    params = tuple(lj.LSTMLayerParams(normal(i, 4 * hidden, scale=0.4), normal(hidden, 4 * hidden, scale=0.4),
+                                      normal(4 * hidden, scale=0.2)) for i in sizes)
+    xs = normal(batch, time_steps, features)
+    state = tuple(lj.LSTMState(normal(batch, hidden, scale=0.5), normal(batch, hidden, scale=0.5))
+                  for _ in range(layers))
+
+    def keep_mask(rate, *shape):
+        return jnp.asarray((rng.random(shape) >= rate) / (1 - rate), dtype)
+
+    masks = lj.DropoutMasks(output=tuple(keep_mask(0.3, batch, time_steps, hidden) for _ in range(layers)),
+                            recurrent=tuple(keep_mask(0.25, batch, hidden) for _ in range(layers)))
     lengths = jnp.array([time_steps, 1, 0, time_steps - 3][:batch], jnp.int32)
-    r_ys, r_h, r_c = jax.random.normal(k_r, (3, batch, time_steps, hidden), dtype)
+    r_ys, r_h, r_c = normal(3, batch, time_steps, hidden)
     return params, xs, state, masks, lengths, (r_ys, r_h[:, 0], r_c[:, 0])
 
 
@@ -40,6 +46,13 @@ def _loss(params, xs, state, masks, lengths, weights, **kw):
 GRAD_ARGS = (0, 1, 2, 3)  # params, xs, initial state, masks
 
 
+def _value_and_grads(params, xs, state, masks, lengths, weights, **kw):
+    """Loss and its gradients, jitted: one XLA program per variant instead of op-by-op
+    dispatch (which compiles every primitive separately and dominated this file's time)."""
+    fn = jax.jit(jax.value_and_grad(functools.partial(_loss, **kw), GRAD_ARGS))
+    return fn(params, xs, state, masks, lengths, weights)
+
+
 @pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-5), (jnp.float64, 1e-12)])
 @pytest.mark.parametrize("use_lengths,use_masks", [(False, False), (True, True)])
 def test_custom_vjp_equals_autodiff_through_scan(dtype, tol, use_lengths, use_masks):
@@ -47,8 +60,8 @@ def test_custom_vjp_equals_autodiff_through_scan(dtype, tol, use_lengths, use_ma
         params, xs, state, masks, lengths, w = _problem(dtype)
         lengths = lengths if use_lengths else None
         masks = masks if use_masks else None
-        ref_val, ref_grads = jax.value_and_grad(_loss, GRAD_ARGS)(params, xs, state, masks, lengths, w, impl="scan")
-        val, grads = jax.value_and_grad(_loss, GRAD_ARGS)(params, xs, state, masks, lengths, w, impl="fused")
+        ref_val, ref_grads = _value_and_grads(params, xs, state, masks, lengths, w, impl="scan")
+        val, grads = _value_and_grads(params, xs, state, masks, lengths, w, impl="fused")
         assert _rel_err(val, ref_val) <= tol
         for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
             assert got.shape == want.shape
@@ -59,9 +72,8 @@ def test_custom_vjp_equals_autodiff_through_scan(dtype, tol, use_lengths, use_ma
 def test_remat_equals_no_remat_float64(impl, chunk):
     with jax.enable_x64(True):
         params, xs, state, masks, lengths, w = _problem(jnp.float64)
-        ref_val, ref_grads = jax.value_and_grad(_loss, GRAD_ARGS)(params, xs, state, masks, lengths, w, impl="scan")
-        val, grads = jax.value_and_grad(_loss, GRAD_ARGS)(
-            params, xs, state, masks, lengths, w, impl=impl, remat_chunk=chunk)
+        ref_val, ref_grads = _value_and_grads(params, xs, state, masks, lengths, w, impl="scan")
+        val, grads = _value_and_grads(params, xs, state, masks, lengths, w, impl=impl, remat_chunk=chunk)
         assert _rel_err(val, ref_val) <= 1e-12
         for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
             assert _rel_err(got, want) <= 1e-12
@@ -70,8 +82,8 @@ def test_remat_equals_no_remat_float64(impl, chunk):
 @pytest.mark.parametrize("unroll", [3])
 def test_unroll_does_not_change_results(unroll):
     params, xs, state, masks, lengths, w = _problem(jnp.float32)
-    ref_val, ref_grads = jax.value_and_grad(_loss, GRAD_ARGS)(params, xs, state, masks, lengths, w)
-    val, grads = jax.value_and_grad(_loss, GRAD_ARGS)(params, xs, state, masks, lengths, w, unroll=unroll)
+    ref_val, ref_grads = _value_and_grads(params, xs, state, masks, lengths, w)
+    val, grads = _value_and_grads(params, xs, state, masks, lengths, w, unroll=unroll)
     assert _rel_err(val, ref_val) <= 1e-5
     for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
         assert _rel_err(got, want) <= 1e-5
@@ -105,9 +117,8 @@ def test_remat_chunk_is_validated():
 @pytest.mark.parametrize("impl,chunk", [("fused", None), ("fused", 4), ("scan", None)])
 def test_bfloat16_matmuls_stay_close_to_float32(impl, chunk):
     params, xs, state, masks, lengths, w = _problem(jnp.float32, hidden=16)
-    ref_val, ref_grads = jax.value_and_grad(_loss, GRAD_ARGS)(params, xs, state, masks, lengths, w, impl="scan")
-    val, grads = jax.value_and_grad(_loss, GRAD_ARGS)(
-        params, xs, state, masks, lengths, w, impl=impl, remat_chunk=chunk, matmul_dtype=jnp.bfloat16)
+    ref_val, ref_grads = _value_and_grads(params, xs, state, masks, lengths, w, impl="scan")
+    val, grads = _value_and_grads(params, xs, state, masks, lengths, w, impl=impl, remat_chunk=chunk, matmul_dtype=jnp.bfloat16)
     # bfloat16 operands keep 8 bits of mantissa (relative rounding 2**-9 ~ 2e-3) while
     # accumulation, gates and cell state stay float32: errors of a few 1e-3, not more.
     assert _rel_err(val, ref_val) <= 2e-2
