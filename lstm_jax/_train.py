@@ -366,7 +366,7 @@ class TrainConfig:
     layers: int = 3
     hidden: int = 256
     batch_size: int = 128
-    steps: int = 3000
+    steps: int = 6000
     epochs: Optional[float] = None
     lr: float = 2e-3
     schedule: str = "warmup_cosine"
