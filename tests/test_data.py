@@ -599,7 +599,13 @@ def test_offline_fails_fast_with_instructions(tmp_path, cache_dir, monkeypatch):
 def test_offline_probe_is_bounded_when_connect_hangs(tmp_path, cache_dir, monkeypatch):
     # Simulates an offline machine whose DNS lookup hangs: the probe thread
     # never finishes, yet load_dataset gives up after probe_timeout.
-    monkeypatch.setattr(data.socket, "create_connection", lambda *a, **k: time.sleep(30))
+    def hanging_connect(*args, **kwargs):
+        time.sleep(30)
+        # Like a real connect that finally gives up (returning None would make the
+        # abandoned probe thread fail later, inside some other test).
+        raise OSError("timed out")
+
+    monkeypatch.setattr(data.socket, "create_connection", hanging_connect)
     sources = _offline_sources("https://example.invalid/mnist/")
     start = time.monotonic()
     with pytest.raises(DataError, match=r"cannot reach example\.invalid:443: no answer within 0\.3 s"):
