@@ -47,19 +47,12 @@ from lstm_jax._cell import gate_activations  # noqa: E402
 def _recompute_fn(unroll):
     """``layer_fused`` without saved activations (float32 matmuls, no remat)."""
 
-    def forward(w_ih, w_hh, b, xs, h0, c0, valid, rmask):
-        (h_t, c_t), ys = _layer._forward_steps(_layer._input_projection(xs, w_ih, b), w_hh, h0, c0, valid, rmask,
-                                               unroll, False)
-        return ys, h_t, c_t
-
-    @jax.custom_vjp
-    def fused(w_ih, w_hh, b, xs, h0, c0, valid, rmask):
-        return forward(w_ih, w_hh, b, xs, h0, c0, valid, rmask)
+    fused = jax.custom_vjp(_layer._primal_fn(unroll, None))  # the library's forward
 
     def fwd(w_ih, w_hh, b, xs, h0, c0, valid, rmask):
         (h_t, c_t), (ys, _acts, hs, cs) = _layer._forward_steps(
             _layer._input_projection(xs, w_ih, b), w_hh, h0, c0, valid, rmask, unroll, True)
-        # Only the states are kept; acts is dead and XLA drops it from the scan's outputs.
+        # Only the states are residuals; the gate activations are not kept for the backward pass.
         return (ys, h_t, c_t), (w_ih, w_hh, b, xs, h0, c0, valid, rmask, hs, cs)
 
     def bwd(residuals, cotangents):

@@ -121,8 +121,8 @@ def lstm(
             raise TypeError(f"lengths: expected an integer array of shape [{batch}], got {type(lengths).__name__}")
         if tuple(np.shape(lengths)) != (batch,):
             raise ValueError(f"lengths: expected shape [{batch}] (one per sequence), got {tuple(np.shape(lengths))}")
-        if not jnp.issubdtype(jnp.asarray(lengths).dtype, jnp.integer):
-            raise TypeError(f"lengths: expected an integer array, got dtype {jnp.asarray(lengths).dtype}")
+        if not jnp.issubdtype(lengths.dtype, jnp.integer):
+            raise TypeError(f"lengths: expected an integer array, got dtype {lengths.dtype}")
         if _checks.is_concrete(lengths) and batch > 0:
             concrete = np.asarray(lengths)  # np.min(jax_array) would trace under jit
             lo, hi = int(concrete.min()), int(concrete.max())
