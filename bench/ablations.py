@@ -15,6 +15,12 @@ interleaved, for these variants of ``impl="fused"``:
   not sequential, since every ``h_{t-1}`` is known), costing about 1/3 more FLOPs but
   ``4H`` fewer floats stored per step.
 * ``unroll=2`` and ``unroll=4``: ``lax.scan``'s unroll of both scans.
+* ``remat<K>`` (e.g. ``remat28``): ``remat_chunk=K``, the rematerialisation option for long
+  sequences: the forward keeps only the state at every K-th step; the backward recomputes
+  each chunk of K steps just before differentiating it. ``scan`` and ``scan_remat<K>``: the
+  same for the ``impl="scan"`` reference (``jax.checkpoint`` over chunks). Their memory
+  saving is the point: compare the ``XLA temp MiB`` column (the compiled program's scratch
+  buffers, where the saved activations live).
 
 It also reports each variant's time to first result (compile + first step) and XLA's
 static memory figure. Results go to stdout and, with ``--out``, a JSON file.
@@ -87,12 +93,26 @@ VARIANTS = {
     "recompute": {"impl": "_recompute", "unroll": 1},
     "unroll2": {"impl": "fused", "unroll": 2},
     "unroll4": {"impl": "fused", "unroll": 4},
+    "scan": {"impl": "scan", "unroll": 1},
 }
+REMAT_PREFIXES = {"remat": "fused", "scan_remat": "scan"}
+
+
+def variant_spec(name: str) -> dict:
+    """``VARIANTS[name]``, or ``remat<K>`` / ``scan_remat<K>`` for ``remat_chunk=K``."""
+    if name in VARIANTS:
+        return VARIANTS[name]
+    for prefix, impl in sorted(REMAT_PREFIXES.items(), key=lambda kv: -len(kv[0])):
+        chunk = name[len(prefix):]
+        if name.startswith(prefix) and chunk.isdigit() and int(chunk) > 0:
+            return {"impl": impl, "unroll": 1, "remat_chunk": int(chunk)}
+    raise ValueError(f"--variants: unknown variant {name!r}; expected one of {list(VARIANTS)}, "
+                     f"remat<K> or scan_remat<K>")
 
 
 def make_variant(name, shape, data, weights):
-    spec = VARIANTS[name]
-    impl = peers.make_lstm_jax(shape, data, weights, spec["impl"], spec["unroll"])
+    spec = variant_spec(name)
+    impl = peers.make_lstm_jax(shape, data, weights, spec["impl"], spec["unroll"], spec.get("remat_chunk"))
     impl.name = name
     return impl
 
@@ -102,9 +122,21 @@ def main(argv=None) -> int:
     ap.add_argument("--configs", default="tutorial,single128,pixel")
     ap.add_argument("--steps", type=int, default=20, help="timed training steps per variant (default 20)")
     ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--variants", default=",".join(VARIANTS),
+                    help=f"comma-separated: {', '.join(VARIANTS)}, remat<K>, scan_remat<K> (default: the named ones)")
     ap.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     args = ap.parse_args(argv)
+    names = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = [c for c in args.configs.split(",") if c not in bench_run.CONFIGS]
+    if unknown:
+        ap.error(f"--configs: unknown config(s) {unknown}; choose from {list(bench_run.CONFIGS)}")
+    try:
+        for v in names:
+            variant_spec(v)  # fail on a typo before any compiling
+    except ValueError as e:
+        ap.error(str(e))
+    if not names or args.steps < 1 or args.rounds < 1:
+        ap.error("--variants must name at least one variant; --steps and --rounds must be positive")
 
     jax.config.update("jax_enable_compilation_cache", False)
     report = {"device": bench_run.device_name(jax.default_backend(), jax.devices()[0]),
@@ -116,7 +148,7 @@ def main(argv=None) -> int:
         weights = peers.init_reference_weights(shape, 0)
         impls, first, losses = {}, {}, {}
         grads = {}
-        for v in args.variants.split(","):
+        for v in names:
             impls[v] = make_variant(v, shape, data, weights)
             i = impls[v]
             grads[v] = jax.jit(jax.grad(i._loss_fn))(i._params, i._xs[0], i._ys[0])
@@ -136,18 +168,21 @@ def main(argv=None) -> int:
             mem = impls[v].memory()["train"]
             base = base or st["median_s"]
             rows[v] = {**st, "first_result_s": first[v], "first_loss": losses[v],
-                       "gflops_per_s": flops / st["median_s"] / 1e9, "vs_store": st["median_s"] / base,
-                       "xla_total_bytes": None if mem is None else mem["total_bytes"]}
+                       "gflops_per_s": flops / st["median_s"] / 1e9, "vs_first": st["median_s"] / base,
+                       "xla_total_bytes": None if mem is None else mem["total_bytes"],
+                       "xla_temp_bytes": None if mem is None else mem["temp_bytes"]}
         report["configs"][cname] = {"shape": vars(shape), "train_flops": flops, "variants": rows}
         print(f"\n{cname} {vars(shape)}  (training step, median of {args.steps})")
-        print(f"{'variant':<10} {'ms':>9} {'q1-q3 ms':>17} {'x store':>8} {'GFLOP/s':>8} {'first s':>8} {'XLA MiB':>8}")
+        print(f"{'variant':<12} {'ms':>9} {'q1-q3 ms':>17} {'x first':>8} {'GFLOP/s':>8} {'first s':>8} "
+              f"{'XLA MiB':>8} {'temp MiB':>8}")
         for v, r in rows.items():
             if "error" in r:
-                print(f"{v:<10} error: {r['error']}")
+                print(f"{v:<12} error: {r['error']}")
                 continue
-            mib = "-" if r["xla_total_bytes"] is None else f"{r['xla_total_bytes'] / 2**20:.1f}"
-            print(f"{v:<10} {r['median_s'] * 1e3:9.1f} {r['q1_s'] * 1e3:8.1f}-{r['q3_s'] * 1e3:<8.1f} "
-                  f"{r['vs_store']:8.3f} {r['gflops_per_s']:8.1f} {r['first_result_s']:8.2f} {mib:>8}", flush=True)
+            mib, tmp = ("-" if r[k] is None else f"{r[k] / 2**20:.1f}" for k in ("xla_total_bytes", "xla_temp_bytes"))
+            print(f"{v:<12} {r['median_s'] * 1e3:9.1f} {r['q1_s'] * 1e3:8.1f}-{r['q3_s'] * 1e3:<8.1f} "
+                  f"{r['vs_first']:8.3f} {r['gflops_per_s']:8.1f} {r['first_result_s']:8.2f} {mib:>8} {tmp:>8}",
+                  flush=True)
         # The variants compute the same model: their first losses and gradients must agree.
         ls = [r["first_loss"] for r in rows.values() if "first_loss" in r]
         assert max(ls) - min(ls) <= 1e-4 * max(1.0, abs(ls[0])), f"variants disagree on the first loss: {losses}"

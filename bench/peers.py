@@ -218,15 +218,18 @@ def _xent(logits, y):
     return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
 
-def make_lstm_jax(shape: Shape, data: Data, weights, impl: str, unroll: Optional[int] = None) -> JaxImpl:
+def make_lstm_jax(shape: Shape, data: Data, weights, impl: str, unroll: Optional[int] = None,
+                  remat_chunk: Optional[int] = None) -> JaxImpl:
     """lstm_jax's ``lj.lstm(..., impl=impl)`` stack + head. ``forget_bias=0.0`` so that the
     model is torch.nn.LSTM's exactly (the bias fold is one add; it costs nothing).
-    ``unroll``: passed to ``lj.lstm`` when given (else the library's default)."""
+    ``unroll``, ``remat_chunk``: passed to ``lj.lstm`` when given (else the library's defaults)."""
     import lstm_jax as lj
 
     lstm_params, head_w, head_b = weights
     params = {"lstm": lstm_params, "head": (head_w, head_b)}
     extra = {} if unroll is None else {"unroll": unroll}
+    if remat_chunk is not None:
+        extra["remat_chunk"] = remat_chunk
 
     def logits_fn(p, x):
         ys, _ = lj.lstm(p["lstm"], x, forget_bias=0.0, impl=impl, **extra)

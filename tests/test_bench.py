@@ -146,3 +146,49 @@ def test_unknown_config_is_rejected(tmp_path):
     assert proc.returncode == 2
     assert "unknown config" in proc.stderr
     assert not list(tmp_path.iterdir())
+
+
+ABLATIONS = ROOT / "bench" / "ablations.py"
+GEMM_THREADS = ROOT / "bench" / "gemm_threads.py"
+
+
+@pytest.mark.parametrize("script, args, message", [
+    (ABLATIONS, ["--variants", "store,remat0"], "unknown variant 'remat0'"),
+    (ABLATIONS, ["--configs", "nope"], "unknown config"),
+    (GEMM_THREADS, ["--sizes", "12x"], "expected BxH pairs"),
+    (GEMM_THREADS, ["--models", "nope"], "unknown config"),
+])
+def test_bench_scripts_reject_bad_arguments(script, args, message):
+    proc = subprocess.run([sys.executable, str(script), *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_ablations_remat_variants_agree_with_store(tmp_path):
+    """The ablation script checks every variant's first loss and gradients against the first
+    variant's and exits non-zero when they differ; here on remat (fused and scan)."""
+    out = tmp_path / "ablations.json"
+    cmd = [sys.executable, str(ABLATIONS), "--configs", "hidden64", "--variants", "store,remat5,scan_remat9",
+           "--steps", "1", "--rounds", "1", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"{cmd} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    rows = json.loads(out.read_text())["configs"]["hidden64"]["variants"]
+    assert set(rows) == {"store", "remat5", "scan_remat9"}
+    for name, row in rows.items():
+        assert row["grad_rel_err_vs_first"] < 1e-4, name
+        assert _positive_finite(row["median_s"]) and _positive_finite(row["xla_temp_bytes"]), name
+    # Keeping 1 state in 5 (or 9) instead of every step's activations must shrink the scratch memory.
+    assert rows["remat5"]["xla_temp_bytes"] < rows["store"]["xla_temp_bytes"]
+
+
+def test_gemm_threads_probe_runs(tmp_path):
+    out = tmp_path / "g.json"
+    cmd = [sys.executable, str(GEMM_THREADS), "--sizes", "2x3,5x4", "--steps", "3", "--reps", "1",
+           "--models", "", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"{cmd} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    rows = json.loads(out.read_text())["gemm"]
+    assert [(r["batch"], r["hidden"], r["macs"]) for r in rows] == [(2, 3, 2 * 3 * 12), (5, 4, 5 * 4 * 16)]
+    assert all(_positive_finite(r["jax_s_per_step"]) for r in rows)
