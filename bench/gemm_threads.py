@@ -13,14 +13,14 @@ one core. The GFLOP/s column shows where the threshold falls: on the 2-vCPU mach
 uses both.
 
 Part 2 times the whole model of ``bench/run.py`` (stack + head; training step and
-inference) at batch B and B+1 for the ``pixel`` and ``single128`` shapes: one extra
-sequence per batch crosses the threshold, so the per-sequence cost is what to compare.
+inference) for the ``pixel`` and ``single128`` shapes twice: with lstm_jax's CPU batch
+padding switched off, and as the library runs it (on CPU it pads such a batch by the few
+zero rows that carry the dot over the threshold; see ``lstm_jax/_stack.py``).
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 import time
@@ -77,12 +77,21 @@ def gemm_chain(batch, hidden, steps, reps):
     return t_jax, _median_s(torch_chain, reps) / steps
 
 
-def model_times(shape, reps):
-    """Median seconds of lstm_jax's training step and inference pass (bench/run.py's model)."""
-    data = peers.Data.make(shape, sets=2, seed=0)
-    impl = peers.make_lstm_jax(shape, data, peers.init_reference_weights(shape, 0), "fused")
-    impl.setup_train()
-    impl.setup_infer()
+def model_times(shape, reps, batch_padding):
+    """Median seconds of lstm_jax's training step and inference pass (bench/run.py's model),
+    with the library's CPU batch padding on (as shipped) or off."""
+    from lstm_jax import _stack
+
+    shipped = _stack._cpu_batch_pad
+    if not batch_padding:
+        _stack._cpu_batch_pad = lambda *args: 0
+    try:
+        data = peers.Data.make(shape, sets=2, seed=0)
+        impl = peers.make_lstm_jax(shape, data, peers.init_reference_weights(shape, 0), "fused")
+        impl.setup_train()
+        impl.setup_infer()
+    finally:
+        _stack._cpu_batch_pad = shipped  # compiled above: the jitted functions keep their choice
     k = iter(range(10**9))
     train = _median_s(lambda: impl.train_step(next(k)), reps)
     infer = _median_s(lambda: impl.infer_step(next(k)), reps)
@@ -139,16 +148,19 @@ def main(argv=None) -> int:
         print(f"{b:>4}x{h:<3} {macs:>10} {t_jax * 1e6:8.0f} {row['jax_gflops']:8.1f} {tt}", flush=True)
 
     if models:
-        print(f"\nPart 2: lstm_jax fused, the whole model at batch B and B+1 (median of {args.model_reps})")
-        print(f"{'config':>10} {'B':>4} {'train ms':>9} {'ms/seq':>7} {'infer ms':>9} {'ms/seq':>7}")
+        print(f"\nPart 2: lstm_jax fused, the whole model, CPU batch padding off / on (median of {args.model_reps})")
+        print(f"{'config':>10} {'B':>4} {'padding':>8} {'pad rows':>8} {'train ms':>9} {'infer ms':>9}")
     for name in models:
-        base = bench_run.CONFIGS[name][0]
-        for b in (base.batch, base.batch + 1):
-            shape = dataclasses.replace(base, batch=b)
-            train, infer = model_times(shape, args.model_reps)
-            report["models"].append({"config": name, "shape": vars(shape), "train_s": train, "infer_s": infer})
-            print(f"{name:>10} {b:>4} {train * 1e3:9.1f} {train / b * 1e3:7.2f} {infer * 1e3:9.1f} "
-                  f"{infer / b * 1e3:7.3f}", flush=True)
+        shape = bench_run.CONFIGS[name][0]
+        from lstm_jax import _stack
+
+        rows = _stack._cpu_batch_pad(shape.batch, shape.hidden, np.float32, None)
+        for padding in (False, True):
+            train, infer = model_times(shape, args.model_reps, padding)
+            report["models"].append({"config": name, "shape": vars(shape), "batch_padding": padding,
+                                     "pad_rows": rows if padding else 0, "train_s": train, "infer_s": infer})
+            print(f"{name:>10} {shape.batch:>4} {'on' if padding else 'off':>8} {rows if padding else 0:>8} "
+                  f"{train * 1e3:9.1f} {infer * 1e3:9.1f}", flush=True)
     if args.out:
         args.out.write_text(json.dumps(report, indent=1))
         print(f"\nwrote {args.out}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Literal, Optional
 
 import jax
@@ -15,6 +16,44 @@ from lstm_jax._layer import layer_fused, layer_scan
 from lstm_jax._types import DropoutMasks, LSTMState
 
 _IMPLS = {"fused": layer_fused, "scan": layer_scan}
+
+# XLA:CPU (jaxlib 0.10) runs a float32 dot on its thread pool only above 2**23 multiply-adds,
+# below that on one core. The recurrence's per-step [B, H] x [H, 4H] dot at B=128, H=128 sits
+# exactly on that line: with one more (zero) batch row it runs 1.7x faster per step on 2 cores
+# (bench/results/gemm-threads-cpu-AMD-EPYC-2c.md). So such a batch is padded by a few rows,
+# at most 1/8 of it; the padded rows are sliced off, and their gradients are exactly zero.
+_CPU_DOT_THREADS_MACS = 2**23
+_MAX_PAD_FRACTION = 1 / 8
+
+
+def _cpu_batch_pad(batch: int, hidden: int, dtype, matmul_dtype) -> int:
+    """Rows to add so that the per-step dot crosses XLA:CPU's threading threshold (or 0)."""
+    if (jax.default_backend() != "cpu" or (os.cpu_count() or 1) < 2 or batch == 0
+            or jnp.dtype(dtype) != jnp.float32 or matmul_dtype is not None):
+        return 0
+    macs_per_row = 4 * hidden * hidden
+    if batch * macs_per_row > _CPU_DOT_THREADS_MACS:
+        return 0
+    pad = _CPU_DOT_THREADS_MACS // macs_per_row + 1 - batch
+    return pad if pad <= batch * _MAX_PAD_FRACTION else 0
+
+
+def _run_layer(layer, batch_pad, w_ih, w_hh, b, x, h0, c0, valid, rmask, **kwargs):
+    """``layer(...)`` on a batch padded by ``batch_pad`` rows (zeros, not valid), sliced back."""
+    if not batch_pad:
+        return layer(w_ih, w_hh, b, x, h0, c0, valid, rmask, **kwargs)
+    batch = h0.shape[0]
+
+    def pad(a, axis, value=0):
+        if a is None:
+            return None
+        widths = [(0, 0)] * a.ndim
+        widths[axis] = (0, batch_pad)
+        return jnp.pad(a, widths, constant_values=value)
+
+    ys, h_t, c_t = layer(w_ih, w_hh, b, pad(x, 1), pad(h0, 0), pad(c0, 0), pad(valid, 1, False), pad(rmask, 0, 1),
+                         **kwargs)
+    return ys[:, :batch], h_t[:batch], c_t[:batch]
 
 
 def _check_masks(masks, field, num_layers, batch, time_steps, hidden_sizes):
@@ -151,10 +190,11 @@ def lstm(
     layer = _IMPLS[impl]
     x = jnp.swapaxes(xs.astype(dtype), 0, 1)  # time-major inside: scan slices the leading axis
     final_state = []
-    for p, state, out_mask, rec_mask in zip(params, initial_state, out_masks, rec_masks):
-        ys, h_t, c_t = layer(p.w_ih, p.w_hh, fold_forget_bias(p.b, forget_bias), x, state.h, state.c,
-                             valid, None if rec_mask is None else rec_mask.astype(dtype), unroll=unroll,
-                             remat_chunk=remat_chunk, matmul_dtype=matmul_dtype)
+    for p, state, out_mask, rec_mask, hidden in zip(params, initial_state, out_masks, rec_masks, hidden_sizes):
+        batch_pad = _cpu_batch_pad(batch, hidden, dtype, matmul_dtype)
+        ys, h_t, c_t = _run_layer(layer, batch_pad, p.w_ih, p.w_hh, fold_forget_bias(p.b, forget_bias), x, state.h,
+                                  state.c, valid, None if rec_mask is None else rec_mask.astype(dtype), unroll=unroll,
+                                  remat_chunk=remat_chunk, matmul_dtype=matmul_dtype)
         if out_mask is not None:
             ys = ys * jnp.swapaxes(out_mask.astype(dtype), 0, 1)
         final_state.append(LSTMState(h_t, c_t))

@@ -126,3 +126,44 @@ def test_bfloat16_matmuls_stay_close_to_float32(impl, chunk):
         assert got.dtype == want.dtype == jnp.float32
         err = _rel_err(got, want)
         assert 0 < err <= 2e-2  # > 0: the bfloat16 path really ran
+
+
+@pytest.mark.parametrize("impl", ["fused", "scan"])
+@pytest.mark.parametrize("variational", [False, True])
+def test_cpu_batch_padding_changes_nothing_float64(monkeypatch, impl, variational):
+    """The CPU batch padding (forced here: 3 extra rows on every layer) gives the unpadded
+    values and gradients, with lengths, dropout masks and an initial state."""
+    from lstm_jax import _stack
+
+    with jax.enable_x64(True):
+        params, xs, state, masks, lengths, w = _problem(jnp.float64)
+        if variational:
+            masks = masks._replace(output=tuple(m[:, :1] for m in masks.output))  # [B, 1, H]
+        monkeypatch.setattr(_stack, "_cpu_batch_pad", lambda *a: 0)
+        ref_val, ref_grads = _value_and_grads(params, xs, state, masks, lengths, w, impl=impl)
+        calls = []
+        monkeypatch.setattr(_stack, "_cpu_batch_pad", lambda *a: calls.append(a) or 3)
+        val, grads = _value_and_grads(params, xs, state, masks, lengths, w, impl=impl)
+        assert len(calls) == len(params)  # asked once per layer
+        assert _rel_err(val, ref_val) <= 1e-12
+        for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
+            assert got.shape == want.shape
+            assert _rel_err(got, want) <= 1e-12
+
+
+def test_cpu_batch_pad_crosses_the_threshold_only_when_cheap():
+    from lstm_jax import _stack
+
+    if jax.default_backend() != "cpu" or (__import__("os").cpu_count() or 1) < 2:
+        pytest.skip("the padding applies on a CPU backend with at least 2 cores")
+    limit = _stack._CPU_DOT_THREADS_MACS
+    pad = _stack._cpu_batch_pad(128, 128, jnp.float32, None)
+    assert pad == 1
+    assert 128 * 4 * 128 * 128 <= limit < (128 + pad) * 4 * 128 * 128
+    assert _stack._cpu_batch_pad(120, 128, jnp.float32, None) == 9  # 129 rows; 9 <= 120/8
+    assert _stack._cpu_batch_pad(100, 128, jnp.float32, None) == 0  # 29 rows > 1/8 of the batch
+    assert _stack._cpu_batch_pad(129, 128, jnp.float32, None) == 0  # already above
+    assert _stack._cpu_batch_pad(128, 64, jnp.float32, None) == 0  # would need 513 rows
+    assert _stack._cpu_batch_pad(128, 128, jnp.float64, None) == 0  # another kernel, not measured
+    assert _stack._cpu_batch_pad(128, 128, jnp.float32, jnp.bfloat16) == 0
+    assert _stack._cpu_batch_pad(0, 128, jnp.float32, None) == 0
