@@ -102,7 +102,7 @@ def variant_spec(name: str) -> dict:
     """``VARIANTS[name]``, or ``remat<K>`` / ``scan_remat<K>`` for ``remat_chunk=K``."""
     if name in VARIANTS:
         return VARIANTS[name]
-    for prefix, impl in sorted(REMAT_PREFIXES.items(), key=lambda kv: -len(kv[0])):
+    for prefix, impl in REMAT_PREFIXES.items():
         chunk = name[len(prefix):]
         if name.startswith(prefix) and chunk.isdigit() and int(chunk) > 0:
             return {"impl": impl, "unroll": 1, "remat_chunk": int(chunk)}

@@ -150,10 +150,10 @@ def main(argv=None) -> int:
     if models:
         print(f"\nPart 2: lstm_jax fused, the whole model, CPU batch padding off / on (median of {args.model_reps})")
         print(f"{'config':>10} {'B':>4} {'padding':>8} {'pad rows':>8} {'train ms':>9} {'infer ms':>9}")
+    from lstm_jax import _stack
+
     for name in models:
         shape = bench_run.CONFIGS[name][0]
-        from lstm_jax import _stack
-
         rows = _stack._cpu_batch_pad(shape.batch, shape.hidden, np.float32, None)
         for padding in (False, True):
             train, infer = model_times(shape, args.model_reps, padding)

@@ -28,7 +28,7 @@ _MAX_PAD_FRACTION = 1 / 8
 
 def _cpu_batch_pad(batch: int, hidden: int, dtype, matmul_dtype) -> int:
     """Rows to add so that the per-step dot crosses XLA:CPU's threading threshold (or 0)."""
-    if (jax.default_backend() != "cpu" or (os.cpu_count() or 1) < 2 or batch == 0
+    if (jax.default_backend() != "cpu" or (os.cpu_count() or 1) < 2 or batch == 0 or hidden == 0
             or jnp.dtype(dtype) != jnp.float32 or matmul_dtype is not None):
         return 0
     macs_per_row = 4 * hidden * hidden
@@ -38,22 +38,15 @@ def _cpu_batch_pad(batch: int, hidden: int, dtype, matmul_dtype) -> int:
     return pad if pad <= batch * _MAX_PAD_FRACTION else 0
 
 
-def _run_layer(layer, batch_pad, w_ih, w_hh, b, x, h0, c0, valid, rmask, **kwargs):
-    """``layer(...)`` on a batch padded by ``batch_pad`` rows (zeros, not valid), sliced back."""
-    if not batch_pad:
-        return layer(w_ih, w_hh, b, x, h0, c0, valid, rmask, **kwargs)
-    batch = h0.shape[0]
-
-    def pad(a, axis, value=0):
-        if a is None:
-            return None
-        widths = [(0, 0)] * a.ndim
-        widths[axis] = (0, batch_pad)
-        return jnp.pad(a, widths, constant_values=value)
-
-    ys, h_t, c_t = layer(w_ih, w_hh, b, pad(x, 1), pad(h0, 0), pad(c0, 0), pad(valid, 1, False), pad(rmask, 0, 1),
-                         **kwargs)
-    return ys[:, :batch], h_t[:batch], c_t[:batch]
+def _fit_batch(a, axis, rows, value=0):
+    """``a`` with exactly ``rows`` rows along ``axis``: sliced, or padded with ``value``."""
+    if a is None or a.shape[axis] == rows:
+        return a
+    if a.shape[axis] > rows:
+        return jax.lax.slice_in_dim(a, 0, rows, axis=axis)
+    widths = [(0, 0)] * a.ndim
+    widths[axis] = (0, rows - a.shape[axis])
+    return jnp.pad(a, widths, constant_values=value)
 
 
 def _check_masks(masks, field, num_layers, batch, time_steps, hidden_sizes):
@@ -191,12 +184,16 @@ def lstm(
     x = jnp.swapaxes(xs.astype(dtype), 0, 1)  # time-major inside: scan slices the leading axis
     final_state = []
     for p, state, out_mask, rec_mask, hidden in zip(params, initial_state, out_masks, rec_masks, hidden_sizes):
-        batch_pad = _cpu_batch_pad(batch, hidden, dtype, matmul_dtype)
-        ys, h_t, c_t = _run_layer(layer, batch_pad, p.w_ih, p.w_hh, fold_forget_bias(p.b, forget_bias), x, state.h,
-                                  state.c, valid, None if rec_mask is None else rec_mask.astype(dtype), unroll=unroll,
-                                  remat_chunk=remat_chunk, matmul_dtype=matmul_dtype)
+        # x keeps the previous layer's padded rows; it is padded or sliced only where the
+        # padding changes, and the padded rows (not valid) are sliced off once, at the end.
+        rows = batch + _cpu_batch_pad(batch, hidden, dtype, matmul_dtype)
+        x = _fit_batch(x, 1, rows)
+        rmask = None if rec_mask is None else _fit_batch(rec_mask.astype(dtype), 0, rows, 1)
+        ys, h_t, c_t = layer(p.w_ih, p.w_hh, fold_forget_bias(p.b, forget_bias), x, _fit_batch(state.h, 0, rows),
+                             _fit_batch(state.c, 0, rows), _fit_batch(valid, 1, rows, False), rmask, unroll=unroll,
+                             remat_chunk=remat_chunk, matmul_dtype=matmul_dtype)
         if out_mask is not None:
-            ys = ys * jnp.swapaxes(out_mask.astype(dtype), 0, 1)
-        final_state.append(LSTMState(h_t, c_t))
+            ys = ys * _fit_batch(jnp.swapaxes(out_mask.astype(dtype), 0, 1), 1, rows, 1)
+        final_state.append(LSTMState(_fit_batch(h_t, 0, batch), _fit_batch(c_t, 0, batch)))
         x = ys
-    return jnp.swapaxes(x, 0, 1), tuple(final_state)
+    return jnp.swapaxes(_fit_batch(x, 1, batch), 0, 1), tuple(final_state)

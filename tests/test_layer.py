@@ -130,9 +130,10 @@ def test_bfloat16_matmuls_stay_close_to_float32(impl, chunk):
 
 @pytest.mark.parametrize("impl", ["fused", "scan"])
 @pytest.mark.parametrize("variational", [False, True])
-def test_cpu_batch_padding_changes_nothing_float64(monkeypatch, impl, variational):
-    """The CPU batch padding (forced here: 3 extra rows on every layer) gives the unpadded
-    values and gradients, with lengths, dropout masks and an initial state."""
+@pytest.mark.parametrize("pads", [(3, 3), (3, 0), (0, 2)])
+def test_cpu_batch_padding_changes_nothing_float64(monkeypatch, impl, variational, pads):
+    """The CPU batch padding (forced here: ``pads[k]`` extra rows on layer k) gives the
+    unpadded values and gradients, with lengths, dropout masks and an initial state."""
     from lstm_jax import _stack
 
     with jax.enable_x64(True):
@@ -142,7 +143,7 @@ def test_cpu_batch_padding_changes_nothing_float64(monkeypatch, impl, variationa
         monkeypatch.setattr(_stack, "_cpu_batch_pad", lambda *a: 0)
         ref_val, ref_grads = _value_and_grads(params, xs, state, masks, lengths, w, impl=impl)
         calls = []
-        monkeypatch.setattr(_stack, "_cpu_batch_pad", lambda *a: calls.append(a) or 3)
+        monkeypatch.setattr(_stack, "_cpu_batch_pad", lambda *a: calls.append(a) or pads[(len(calls) - 1) % 2])
         val, grads = _value_and_grads(params, xs, state, masks, lengths, w, impl=impl)
         assert len(calls) == len(params)  # asked once per layer
         assert _rel_err(val, ref_val) <= 1e-12
