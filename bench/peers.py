@@ -409,6 +409,16 @@ class TorchImpl(Impl):
 # --------------------------------------------------------------------------------------
 
 
+def _time_reps(fn: Callable[[], object], reps: int) -> list[float]:
+    """Seconds for each of ``reps`` calls of ``fn`` (which blocks until its result is ready)."""
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
 def _gemm_weights(k: int, n: int, seed: int) -> np.ndarray:
     """``[k, n]`` (n >= k) whose first k columns are orthogonal: ``x <- (x @ w)[:, :k]``
     keeps x's norm, so a long chain neither overflows nor decays into denormals."""
@@ -454,12 +464,7 @@ def measure_gemm_jax(shape: Shape, reps: int, seed: int) -> list[float]:
 
     f = jax.jit(chain)
     jax.block_until_ready(f(ops))  # compile + warm up
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(f(ops))
-        times.append(time.perf_counter() - t0)
-    return times
+    return _time_reps(lambda: jax.block_until_ready(f(ops)), reps)
 
 
 def measure_gemm_torch(shape: Shape, reps: int, seed: int, device: str) -> list[float]:
@@ -482,12 +487,57 @@ def measure_gemm_torch(shape: Shape, reps: int, seed: int, device: str) -> list[
         sync()
 
     chain()  # warm up
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        chain()
-        times.append(time.perf_counter() - t0)
-    return times
+    return _time_reps(chain, reps)
+
+
+PEAK_GEMM_CPU = (1024, 512, 1024)  # M, K, N: at the peak of 2 cores here (~130 ms per chain)
+PEAK_GEMM_GPU = (8192, 8192, 8192)
+PEAK_GEMM_CHAIN = 8  # dependent matmuls per timed repetition
+
+
+def peak_gemm_operands(m: int, k: int, n: int, seed: int):
+    """``x [m, k]`` and ``w [k, n]`` (n >= k) for a norm-preserving chain, as in the floor."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((m, k), dtype=np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    return x, _gemm_weights(k, n, seed + 1)
+
+
+def measure_peak_gemm_jax(mkn, reps: int, seed: int) -> list[float]:
+    """Seconds for ``PEAK_GEMM_CHAIN`` dependent ``[M, K] x [K, N]`` matmuls in jitted JAX:
+    the machine's attainable matmul rate, for bounds no LSTM at these FLOPs can beat."""
+    import jax
+    import jax.numpy as jnp
+
+    x, w = (jnp.asarray(a) for a in peak_gemm_operands(*mkn, seed))
+    k = mkn[1]
+
+    def body(x, _):
+        return (x @ w)[:, :k], None
+
+    f = jax.jit(lambda x: jax.lax.scan(body, x, None, length=PEAK_GEMM_CHAIN)[0])
+    jax.block_until_ready(f(x))
+    return _time_reps(lambda: jax.block_until_ready(f(x)), reps)
+
+
+def measure_peak_gemm_torch(mkn, reps: int, seed: int, device: str) -> list[float]:
+    """The same chain in eager PyTorch (``torch.mm``)."""
+    import torch
+
+    dev = torch.device(device)
+    x0, w = (torch.from_numpy(a).to(dev) for a in peak_gemm_operands(*mkn, seed))
+    k = mkn[1]
+
+    def chain():
+        with torch.inference_mode():
+            x = x0
+            for _ in range(PEAK_GEMM_CHAIN):
+                x = torch.mm(x, w)[:, :k]
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+
+    chain()
+    return _time_reps(chain, reps)
 
 
 def torch_threads(want: Optional[int] = None) -> dict:

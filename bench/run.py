@@ -310,20 +310,9 @@ def run_config(env: Env, name: str, shape: Shape, steps: int, args) -> dict:
 
     # The matmul floor: the forward's GEMMs as a dependent chain, in JAX and in PyTorch.
     gemm_reps = max(3, min(steps, 10))
-    gemm: dict = {}
     flops_fwd, flops_train = shape.forward_flops(), shape.train_flops()
-    for lib in ("jax", "torch"):
-        try:
-            if lib == "jax":
-                ts = peers.measure_gemm_jax(shape, gemm_reps, SEED)
-            elif env.torch_error:
-                continue
-            else:
-                ts = peers.measure_gemm_torch(shape, gemm_reps, SEED, env.torch_device)
-            st = stats(ts)
-            gemm[lib] = {**st, "gflops": flops_fwd / st["median_s"] / 1e9}
-        except Exception as e:  # noqa: BLE001
-            gemm[lib] = error_entry(e)
+    gemm = gemm_rates(env, lambda: peers.measure_gemm_jax(shape, gemm_reps, SEED),
+                      lambda: peers.measure_gemm_torch(shape, gemm_reps, SEED, env.torch_device), flops_fwd, "median_s")
     rates = [g["gflops"] for g in gemm.values() if "gflops" in g]
     floor = None
     if rates:
@@ -424,6 +413,114 @@ def run_testset(env: Env, spec: dict, passes: int, impl_names) -> dict:
     r = {f"lstm_jax_fused/{p}": med["lstm_jax_fused"] / med[p] for p in PEERS if p in med and "lstm_jax_fused" in med}
     return {**spec, "sequences": n_batches * spec["batch"], "shape": shape.__dict__, "timed_passes": passes,
             "results": entries, "ratios": r}
+
+
+# --------------------------------------------------------------------------------------
+# The machine's matmul peak and the issue's targets
+# --------------------------------------------------------------------------------------
+
+
+def gemm_rates(env: Env, measure_jax, measure_torch, flops: float, statistic: str) -> dict:
+    """``{"jax": stats + gflops, "torch": ...}`` for one GEMM chain timed in both libraries
+    (``flops`` per repetition, rated at the ``statistic`` of its times); torch is left out
+    when it is not importable, and a failure is recorded as an error entry."""
+    out: dict = {}
+    for lib, measure in (("jax", measure_jax), ("torch", measure_torch)):
+        if lib == "torch" and env.torch_error:
+            continue
+        try:
+            st = stats(measure())
+            out[lib] = {**st, "gflops": flops / st[statistic] / 1e9}
+        except Exception as e:  # noqa: BLE001
+            out[lib] = error_entry(e)
+    return out
+
+
+def run_peak_gemm(env: Env, reps: int) -> dict:
+    """The attainable matmul rate: a chain of large float32 GEMMs, in JAX and in PyTorch, each
+    at its fastest repetition; the faster library bounds what any implementation doing the
+    LSTM's FLOPs can reach on this machine."""
+    mkn = peers.PEAK_GEMM_GPU if env.on_gpu else peers.PEAK_GEMM_CPU
+    flops = 2 * mkn[0] * mkn[1] * mkn[2] * peers.PEAK_GEMM_CHAIN
+    # The fastest repetition: a bound should be what the machine can do, not its typical noise.
+    out: dict = gemm_rates(env, lambda: peers.measure_peak_gemm_jax(mkn, reps, SEED),
+                           lambda: peers.measure_peak_gemm_torch(mkn, reps, SEED, env.torch_device), flops, "min_s")
+    out.update({"mkn": list(mkn), "chain": peers.PEAK_GEMM_CHAIN})
+    rates = [out[lib]["gflops"] for lib in ("jax", "torch") if "gflops" in out.get(lib, {})]
+    out["gflops"] = max(rates) if rates else None
+    return out
+
+
+def _median(config: dict | None, impl: str, phase: str) -> float | None:
+    return (((config or {}).get("results", {}).get(impl) or {}).get(phase) or {}).get("median_s")
+
+
+def targets(report: dict) -> list[dict]:
+    """The issue's benchmark targets with what this run measured.
+
+    Each row: ``target``, ``goal`` (text), ``measured``, ``met`` (None when not measured)
+    and, for a ratio against a peer, ``bound``: the ratio lstm_jax would have if its step
+    took only the LSTM's matmul FLOPs at the machine's peak GEMM rate -- no implementation
+    doing those FLOPs gets below it on this machine.
+    """
+    configs, ts = report["configs"], report.get("testset")
+    peak = (report.get("peak_gemm") or {}).get("gflops")
+    rows: list[dict] = []
+
+    def ratio_row(target, goal, measured, flops, peer_s, want_below=True):
+        bound = None
+        if peak and flops and peer_s:
+            bound = flops / (peak * 1e9) / peer_s
+            if not want_below:
+                bound = 1 / bound
+        met = None if measured is None else (measured <= goal if want_below else measured >= goal)
+        rows.append({"target": target, "goal": f"{'≤' if want_below else '≥'} {goal:g}", "measured": measured,
+                     "met": met, "bound": bound})
+
+    tut, pix = configs.get("tutorial"), configs.get("pixel")
+    train_ratio = lambda c, peer: (c or {}).get("ratios", {}).get("train", {}).get(f"lstm_jax_fused/{peer}")  # noqa: E731
+    tut_flops = (tut or {}).get("flops", {}).get("train")
+    if report["platform"] == "cpu":
+        ratio_row("tutorial training step, fused / torch", 0.75, train_ratio(tut, "torch"), tut_flops,
+                  _median(tut, "torch", "train"))
+        ratio_row("tutorial training step, fused / Flax", 0.7, train_ratio(tut, "flax"), tut_flops,
+                  _median(tut, "flax", "train"))
+        ts_ratio = ts_flops = ts_torch = None
+        if ts and ts.get("config") == "tutorial" and not report.get("quick"):
+            ts_ratio = ts["ratios"].get("lstm_jax_fused/torch")
+            ts_flops = Shape(**ts["shape"]).forward_flops() * ts["sequences"] // ts["batch"]
+            ts_torch = ((ts["results"].get("torch") or {}).get("pass") or {}).get("median_s")
+        ratio_row("10,000-sequence test-set inference, fused / torch", 0.7, ts_ratio, ts_flops, ts_torch)
+        first = ((tut or {}).get("results", {}).get("lstm_jax_fused") or {}).get("train_first_result_s")
+        rows.append({"target": "tutorial time to the first training step (s)", "goal": "≤ 2", "measured": first,
+                     "met": None if first is None else first <= 2.0, "bound": None})
+        frac = (((tut or {}).get("results", {}).get("lstm_jax_fused") or {}).get("train") or {}).get("frac_of_floor")
+        rows.append({"target": "tutorial training step, fraction of the GEMM-chain floor", "goal": "≥ 0.8",
+                     "measured": frac, "met": None if frac is None else frac >= 0.8, "bound": None})
+        ratio_row("pixel (T=784) training step, fused / torch", 0.8, train_ratio(pix, "torch"),
+                  (pix or {}).get("flops", {}).get("train"), _median(pix, "torch", "train"))
+        # Compile time = first result minus one ordinary step, over the T sweep and pixel.
+        compile_s = {}
+        for c in configs.values():
+            e = c.get("results", {}).get("lstm_jax_fused") or {}
+            if e.get("train_first_result_s") is not None and e.get("train") and c["shape"]["layers"] == 1:
+                compile_s[c["shape"]["steps"]] = e["train_first_result_s"] - e["train"]["median_s"]
+        if len(compile_s) >= 2:
+            spread = max(compile_s.values()) / min(compile_s.values())
+            text = ", ".join(f"T={t}: {s:.2f} s" for t, s in sorted(compile_s.items()))
+            rows.append({"target": f"compile time independent of T, 1-layer configs (first step − median step; {text})",
+                         "goal": "max/min ≤ 1.5", "measured": spread, "met": spread <= 1.5, "bound": None})
+    else:
+        ratio_row("tutorial training step, fused / torch (cuDNN)", 1.0, train_ratio(tut, "torch"), tut_flops,
+                  _median(tut, "torch", "train"))
+        ratio_row("tutorial training step, fused / jax.experimental.rnn (cuDNN)", 1.0, train_ratio(tut, "jax_cudnn"),
+                  tut_flops, _median(tut, "jax_cudnn", "train"))
+        flax_over = None
+        fused_s, flax_s = _median(tut, "lstm_jax_fused", "train"), _median(tut, "flax", "train")
+        if fused_s and flax_s:
+            flax_over = flax_s / fused_s
+        ratio_row("tutorial training step, Flax / fused (speed-up)", 5.0, flax_over, tut_flops, flax_s, want_below=False)
+    return rows
 
 
 # --------------------------------------------------------------------------------------
@@ -541,6 +638,21 @@ def markdown(report: dict) -> str:
                 cells.append(f"{_ms(st['median_s'])} / {_ms(si['median_s'] if si else None)} ({_pct(e, 'train')})" if st else "—")
             lines.append(f"| {val} | {n} | " + " | ".join(cells) + " |")
         lines.append("")
+    pk = report.get("peak_gemm")
+    if pk:
+        m_, k_, n_ = pk["mkn"]
+        rates = ", ".join(f"{lib} {pk[lib]['gflops']:.1f} GFLOP/s" for lib in ("jax", "torch") if "gflops" in pk.get(lib, {}))
+        lines += ["## The issue's targets", "",
+                  f"Machine matmul peak: a chain of {pk['chain']} float32 [{m_}, {k_}] x [{k_}, {n_}] GEMMs, fastest repetition: "
+                  f"{rates or 'not measured'}. 'Bound' is the ratio lstm_jax would reach if its step did nothing "
+                  "but the LSTM's matmul FLOPs at that peak rate: no implementation doing those FLOPs can beat it here.", "",
+                  "| target | goal | measured | met | bound at peak GEMM |", "|---|---|---|---|---|"]
+        for row in report.get("targets") or []:
+            meas = "not measured" if row["measured"] is None else f"{row['measured']:.2f}"
+            met = "—" if row["met"] is None else ("yes" if row["met"] else "**no**")
+            bound = "—" if row["bound"] is None else f"{row['bound']:.2f}"
+            lines.append(f"| {row['target']} | {row['goal']} | {meas} | {met} | {bound} |")
+        lines.append("")
     ts = report.get("testset")
     if ts:
         lines += [f"## Inference over a {ts['sequences']}-sequence test set ({ts['config']} shape, batches of {ts['batch']})", "",
@@ -643,6 +755,10 @@ def main(argv=None) -> int:
         testset = run_testset(env, spec, args.testset_passes, QUICK_TESTSET_IMPLS if args.quick else TESTSET_IMPLS)
         log(f"[testset] done in {time.perf_counter() - t_ts:.1f} s")
 
+    log("[peak GEMM] ...")
+    peak_gemm = run_peak_gemm(env, reps=3 if args.quick else 10)
+    log(f"[peak GEMM] {peak_gemm.get('gflops') or 0:.1f} GFLOP/s")
+
     load_end = os.getloadavg() if hasattr(os, "getloadavg") else None
     ncpu = os.cpu_count() or 1
     load_warning = None
@@ -688,8 +804,10 @@ def main(argv=None) -> int:
                    "floor": "FLOPs / the faster of the JAX and torch GEMM-chain rates measured in this run"},
         "configs": configs,
         "testset": testset,
+        "peak_gemm": peak_gemm,
         "wall_s": time.perf_counter() - t0,
     }
+    report["targets"] = targets(report)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = dev + ("-quick" if args.quick else "")

@@ -140,6 +140,65 @@ def test_metadata_and_outputs(quick_run):
     assert "| lstm_jax_fused |" in stdout  # the table is printed too
 
 
+def test_peak_gemm_and_targets_are_reported(quick_run):
+    report, json_path, _ = quick_run
+    pk = report["peak_gemm"]
+    rates = [pk[lib]["gflops"] for lib in ("jax", "torch")]
+    assert all(_positive_finite(r) for r in rates)
+    assert pk["gflops"] == max(rates)
+    # The peak chain is timed at its fastest repetition: its rate follows from min_s.
+    m, k, n = pk["mkn"]
+    for lib in ("jax", "torch"):
+        assert math.isclose(pk[lib]["gflops"], 2 * m * k * n * pk["chain"] / pk[lib]["min_s"] / 1e9, rel_tol=1e-9)
+    names = [row["target"] for row in report["targets"]]
+    assert any("tutorial training step, fused / torch" in t for t in names)
+    assert "## The issue's targets" in json_path.with_suffix(".md").read_text()
+
+
+def _load_run_module():
+    import importlib.util as iu
+
+    spec = iu.spec_from_file_location("bench_run_for_test", RUN)
+    module = iu.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _config(train_flops, medians, ratios, layers=3, steps=28, first=None):
+    results = {impl: {"train": {"median_s": s}} for impl, s in medians.items()}
+    if first is not None:
+        results["lstm_jax_fused"]["train_first_result_s"] = first
+    return {"shape": {"batch": 128, "steps": steps, "inputs": 28, "hidden": 256, "layers": layers},
+            "flops": {"train": train_flops}, "results": results, "ratios": {"train": ratios}}
+
+
+def test_targets_bounds_follow_from_the_peak_rate():
+    run = _load_run_module()
+    # 60 GFLOP at a peak of 60 GFLOP/s: 1 s of pure matmul, whatever the implementation.
+    tut = _config(60e9, {"lstm_jax_fused": 1.5, "torch": 2.0, "flax": 3.0},
+                  {"lstm_jax_fused/torch": 0.75, "lstm_jax_fused/flax": 0.5}, first=2.5)
+    seq = lambda t, first, step: _config(1e9, {"lstm_jax_fused": step}, {}, layers=1, steps=t, first=first)  # noqa: E731
+    report = {"platform": "cpu", "quick": False, "testset": None, "peak_gemm": {"gflops": 60.0},
+              "configs": {"tutorial": tut, "seq16": seq(16, 1.1, 0.1), "seq256": seq(256, 3.0, 1.0)}}
+    rows = {r["target"]: r for r in run.targets(report)}
+    torch_row = rows["tutorial training step, fused / torch"]
+    assert torch_row["met"] is True and math.isclose(torch_row["bound"], 1.0 / 2.0)
+    flax_row = rows["tutorial training step, fused / Flax"]
+    assert flax_row["met"] is True and math.isclose(flax_row["bound"], 1.0 / 3.0)
+    assert rows["tutorial time to the first training step (s)"]["met"] is False  # 2.5 s > 2 s
+    assert rows["10,000-sequence test-set inference, fused / torch"]["met"] is None  # not measured
+    # Compile estimates 1.0 s (T=16) and 2.0 s (T=256): spread 2 > 1.5, not independent of T.
+    compile_row = next(r for t, r in rows.items() if t.startswith("compile time"))
+    assert math.isclose(compile_row["measured"], 2.0) and compile_row["met"] is False
+
+    report["platform"] = "gpu"
+    gpu_rows = {r["target"]: r for r in run.targets(report)}
+    speedup = gpu_rows["tutorial training step, Flax / fused (speed-up)"]
+    # Flax 3.0 s / fused 1.5 s = 2x, short of 5x; at best 3.0 s / 1 s of matmul = 3x.
+    assert math.isclose(speedup["measured"], 2.0) and speedup["met"] is False
+    assert math.isclose(speedup["bound"], 3.0)
+
+
 def test_unknown_config_is_rejected(tmp_path):
     proc = subprocess.run([sys.executable, str(RUN), "--configs", "nope", "--out", str(tmp_path)],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
