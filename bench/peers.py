@@ -219,10 +219,11 @@ def _xent(logits, y):
 
 
 def make_lstm_jax(shape: Shape, data: Data, weights, impl: str, unroll: Optional[int] = None,
-                  remat_chunk: Optional[int] = None) -> JaxImpl:
+                  remat_chunk: Optional[int] = None, matmul_dtype=None, name: Optional[str] = None) -> JaxImpl:
     """lstm_jax's ``lj.lstm(..., impl=impl)`` stack + head. ``forget_bias=0.0`` so that the
     model is torch.nn.LSTM's exactly (the bias fold is one add; it costs nothing).
-    ``unroll``, ``remat_chunk``: passed to ``lj.lstm`` when given (else the library's defaults)."""
+    ``unroll``, ``remat_chunk``, ``matmul_dtype``: passed to ``lj.lstm`` when given (else the
+    library's defaults). The head's matmul stays in float32."""
     import lstm_jax as lj
 
     lstm_params, head_w, head_b = weights
@@ -230,6 +231,8 @@ def make_lstm_jax(shape: Shape, data: Data, weights, impl: str, unroll: Optional
     extra = {} if unroll is None else {"unroll": unroll}
     if remat_chunk is not None:
         extra["remat_chunk"] = remat_chunk
+    if matmul_dtype is not None:
+        extra["matmul_dtype"] = matmul_dtype
 
     def logits_fn(p, x):
         ys, _ = lj.lstm(p["lstm"], x, forget_bias=0.0, impl=impl, **extra)
@@ -238,7 +241,7 @@ def make_lstm_jax(shape: Shape, data: Data, weights, impl: str, unroll: Optional
     def loss_fn(p, x, y):
         return _xent(logits_fn(p, x), y)
 
-    return JaxImpl(f"lstm_jax_{impl}", data, params, loss_fn, logits_fn)
+    return JaxImpl(name or f"lstm_jax_{impl}", data, params, loss_fn, logits_fn)
 
 
 def make_flax(shape: Shape, data: Data, seed: int) -> JaxImpl:

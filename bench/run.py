@@ -75,7 +75,10 @@ SWEEPS = {
     "steps": ("T", lambda s: (s.batch, s.inputs, s.hidden, s.layers) == (128, 28, 256, 1), lambda s: s.steps),
     "hidden": ("H", lambda s: (s.batch, s.steps, s.inputs, s.layers) == (128, 28, 28, 1), lambda s: s.hidden),
 }
-SUBJECTS = ("lstm_jax_fused", "lstm_jax_scan")
+# lstm_jax_bf16: the fused layer with bfloat16 matmul operands (float32 accumulation, gate math
+# and cell state), timed where there are bfloat16 matrix units (GPU/TPU); skipped on CPU.
+SUBJECTS = ("lstm_jax_fused", "lstm_jax_scan", "lstm_jax_bf16")
+BF16_LOSS_TOL = 5e-2
 PEERS = ("torch", "flax", "jax_cudnn")
 IMPLS = SUBJECTS + PEERS
 SEED = 0
@@ -235,6 +238,13 @@ class Env:
     def make(self, name: str, shape: Shape, data: peers.Data, weights):
         """Builds one implementation, or returns a ``{"status": "skipped"|"error"}`` entry."""
         try:
+            if name == "lstm_jax_bf16":
+                if self.platform == "cpu":
+                    return {"status": "skipped", "reason": "GPU/TPU only (bfloat16 matmul units)"}
+                import jax.numpy as jnp
+
+                return peers.make_lstm_jax(shape, data, weights, "fused", self.unroll, matmul_dtype=jnp.bfloat16,
+                                           name=name)
             if name.startswith("lstm_jax_"):
                 return peers.make_lstm_jax(shape, data, weights, name.removeprefix("lstm_jax_"), self.unroll)
             if name == "torch":
@@ -333,6 +343,11 @@ def run_config(env: Env, name: str, shape: Shape, steps: int, args) -> dict:
         diff = max(abs(v - ref) for v in same.values())
         tol = 1e-4 if env.precision == "float32" else 2e-2
         loss_check = {"reference": "lstm_jax_fused", "compared": sorted(same), "max_abs_diff": diff, "tol": tol, "ok": diff <= tol}
+        bf16 = entries.get("lstm_jax_bf16", {}).get("first_loss")
+        if bf16 is not None:
+            # bfloat16 operands keep 8 significant bits: the loss agrees to about 1e-2, not 1e-4.
+            d = abs(bf16 - ref)
+            loss_check["bf16"] = {"max_abs_diff": d, "tol": BF16_LOSS_TOL, "ok": d <= BF16_LOSS_TOL}
 
     return {
         "shape": {"batch": shape.batch, "steps": shape.steps, "inputs": shape.inputs,
@@ -359,8 +374,9 @@ def ratios(entries: dict) -> dict:
             for p in PEERS:
                 if s in med and p in med:
                     r[f"{s}/{p}"] = med[s] / med[p]
-        if "lstm_jax_scan" in med and "lstm_jax_fused" in med:
-            r["lstm_jax_scan/lstm_jax_fused"] = med["lstm_jax_scan"] / med["lstm_jax_fused"]
+        for other in ("lstm_jax_scan", "lstm_jax_bf16"):
+            if other in med and "lstm_jax_fused" in med:
+                r[f"{other}/lstm_jax_fused"] = med[other] / med["lstm_jax_fused"]
         out[phase] = r
     return out
 
@@ -579,14 +595,15 @@ def markdown(report: dict) -> str:
         "",
         "## Ratios (lstm_jax median / peer median; < 1 means lstm_jax is faster)",
         "",
-        "| config | train fused/torch | fused/flax | fused/cuDNN | scan/fused | infer fused/torch | fused/flax | fused/cuDNN |",
-        "|---|---|---|---|---|---|---|---|",
+        "| config | train fused/torch | fused/flax | fused/cuDNN | scan/fused | bf16/fused | infer fused/torch | fused/flax | fused/cuDNN |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, c in report["configs"].items():
         t, i = c["ratios"]["train"], c["ratios"]["infer"]
         lines.append(
             f"| {name} | {_ratio(t.get('lstm_jax_fused/torch'))} | {_ratio(t.get('lstm_jax_fused/flax'))} | "
             f"{_ratio(t.get('lstm_jax_fused/jax_cudnn'))} | {_ratio(t.get('lstm_jax_scan/lstm_jax_fused'))} | "
+            f"{_ratio(t.get('lstm_jax_bf16/lstm_jax_fused'))} | "
             f"{_ratio(i.get('lstm_jax_fused/torch'))} | {_ratio(i.get('lstm_jax_fused/flax'))} | "
             f"{_ratio(i.get('lstm_jax_fused/jax_cudnn'))} |")
     lines.append("")
@@ -616,7 +633,9 @@ def markdown(report: dict) -> str:
         if chk:
             lines.append("")
             lines.append(f"First-loss check (same weights and data): max |Δ| vs {chk['reference']} = {chk['max_abs_diff']:.2e} "
-                         f"({'ok' if chk['ok'] else 'MISMATCH'}, tol {chk['tol']:g}).")
+                         f"({'ok' if chk['ok'] else 'MISMATCH'}, tol {chk['tol']:g})"
+                         + (f"; lstm_jax_bf16: |Δ| = {chk['bf16']['max_abs_diff']:.2e} "
+                            f"({'ok' if chk['bf16']['ok'] else 'MISMATCH'}, tol {chk['bf16']['tol']:g})." if chk.get("bf16") else "."))
         lines.append("")
     for sweep, (sym, match, key) in SWEEPS.items():
         pts = sorted(((key(Shape(**c["shape"])), n, c) for n, c in report["configs"].items() if match(Shape(**c["shape"]))),

@@ -199,6 +199,29 @@ def test_targets_bounds_follow_from_the_peak_rate():
     assert math.isclose(speedup["bound"], 3.0)
 
 
+def test_bf16_subject_builds_and_tracks_float32():
+    """The GPU-only lstm_jax_bf16 subject, built on CPU: same model, bfloat16 matmul operands."""
+    _require_peers()
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import jax.numpy as jnp
+        import peers
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    shape = peers.Shape(batch=8, steps=5, inputs=3, hidden=16, layers=2)
+    data = peers.Data.make(shape, sets=2, seed=0)
+    weights = peers.init_reference_weights(shape, 0)
+    f32 = peers.make_lstm_jax(shape, data, weights, "fused")
+    bf16 = peers.make_lstm_jax(shape, data, weights, "fused", matmul_dtype=jnp.bfloat16, name="lstm_jax_bf16")
+    assert bf16.name == "lstm_jax_bf16"
+    for impl in (f32, bf16):
+        assert _positive_finite(impl.setup_train())
+        impl.train_step(1)
+    run = _load_run_module()
+    # Close (bfloat16 keeps 8 significant bits) but not identical: the operands really were rounded.
+    assert 0 < abs(bf16.first_loss - f32.first_loss) <= run.BF16_LOSS_TOL
+
+
 def test_unknown_config_is_rejected(tmp_path):
     proc = subprocess.run([sys.executable, str(RUN), "--configs", "nope", "--out", str(tmp_path)],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
