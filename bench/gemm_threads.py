@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -39,12 +38,7 @@ import run as bench_run  # noqa: E402
 
 def _median_s(fn, reps):
     fn()  # warm-up (and compile)
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
+    return float(np.median(peers.time_reps(fn, reps)))
 
 
 def gemm_chain(batch, hidden, steps, reps):

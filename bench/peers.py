@@ -412,7 +412,7 @@ class TorchImpl(Impl):
 # --------------------------------------------------------------------------------------
 
 
-def _time_reps(fn: Callable[[], object], reps: int) -> list[float]:
+def time_reps(fn: Callable[[], object], reps: int) -> list[float]:
     """Seconds for each of ``reps`` calls of ``fn`` (which blocks until its result is ready)."""
     times = []
     for _ in range(reps):
@@ -467,7 +467,7 @@ def measure_gemm_jax(shape: Shape, reps: int, seed: int) -> list[float]:
 
     f = jax.jit(chain)
     jax.block_until_ready(f(ops))  # compile + warm up
-    return _time_reps(lambda: jax.block_until_ready(f(ops)), reps)
+    return time_reps(lambda: jax.block_until_ready(f(ops)), reps)
 
 
 def measure_gemm_torch(shape: Shape, reps: int, seed: int, device: str) -> list[float]:
@@ -490,7 +490,7 @@ def measure_gemm_torch(shape: Shape, reps: int, seed: int, device: str) -> list[
         sync()
 
     chain()  # warm up
-    return _time_reps(chain, reps)
+    return time_reps(chain, reps)
 
 
 PEAK_GEMM_CPU = (1024, 512, 1024)  # M, K, N: at the peak of 2 cores here (~130 ms per chain)
@@ -520,7 +520,7 @@ def measure_peak_gemm_jax(mkn, reps: int, seed: int) -> list[float]:
 
     f = jax.jit(lambda x: jax.lax.scan(body, x, None, length=PEAK_GEMM_CHAIN)[0])
     jax.block_until_ready(f(x))
-    return _time_reps(lambda: jax.block_until_ready(f(x)), reps)
+    return time_reps(lambda: jax.block_until_ready(f(x)), reps)
 
 
 def measure_peak_gemm_torch(mkn, reps: int, seed: int, device: str) -> list[float]:
@@ -540,7 +540,7 @@ def measure_peak_gemm_torch(mkn, reps: int, seed: int, device: str) -> list[floa
             torch.cuda.synchronize(dev)
 
     chain()
-    return _time_reps(chain, reps)
+    return time_reps(chain, reps)
 
 
 def torch_threads(want: Optional[int] = None) -> dict:
