@@ -14,6 +14,9 @@ interleaved, for these variants of ``impl="fused"``:
   pre-activations as one large matmul over all timesteps (``[x_t, h_{t-1}] @ [W_ih; W_hh]``,
   not sequential, since every ``h_{t-1}`` is known), costing about 1/3 more FLOPs but
   ``4H`` fewer floats stored per step.
+* ``coef``: the forward saves, instead of the gate activations and the cell state
+  (``5H`` floats per step), the six ``[B, H]`` factors the backward multiplies by
+  (``6H``), so that the backward step is a few multiplies and the dot, with no ``tanh``.
 * ``unroll=2`` and ``unroll=4``: ``lax.scan``'s unroll of both scans.
 * ``remat<K>`` (e.g. ``remat28``): ``remat_chunk=K``, the rematerialisation option for long
   sequences: the forward keeps only the state at every K-th step; the backward recomputes
@@ -85,12 +88,77 @@ def layer_recompute(w_ih, w_hh, b, xs, h0, c0, valid=None, rmask=None, *, unroll
     return _recompute_fn(unroll)(w_ih, w_hh, b, xs, h0, c0, valid, rmask)
 
 
+def _forward_steps_coef(zx, w_hh, h0, c0, unroll):
+    """The forward scan, saving per step the backward's coefficients ``[B, 6H]`` instead of
+    the gate activations and the cell state ``[B, 5H]``: ``dz/dc_total`` for (i, f, g),
+    ``dz_o/dh``, ``dc/dh`` and ``f``, so that the backward step is a few multiplies and the dot."""
+
+    def step(carry, zx_t):
+        h, c = carry
+        acts = gate_activations(zx_t + h @ w_hh)
+        i, f, g, o = jnp.split(acts, 4, axis=-1)
+        c_new = f * c + i * g
+        tanh_c = jnp.tanh(c_new)
+        h_new = o * tanh_c
+        coef = jnp.concatenate([g * i * (1 - i), c * f * (1 - f), i * (1 - g * g), tanh_c * o * (1 - o),
+                                o * (1 - tanh_c * tanh_c), f], axis=-1)
+        return (h_new, c_new), (h_new, coef)
+
+    return jax.lax.scan(step, (h0, c0), zx, unroll=unroll)
+
+
+def _backward_steps_coef(w_hh_t, d_ys, coef, carry, unroll):
+    hidden = w_hh_t.shape[-1]
+
+    def step(carry, inputs):
+        dh, dc = carry
+        dy, k = inputs
+        dh_new = dy + dh
+        dc_total = dc + dh_new * k[:, 4 * hidden:5 * hidden]
+        dz = jnp.concatenate([dc_total, dc_total, dc_total, dh_new], axis=-1) * k[:, :4 * hidden]
+        return (dz @ w_hh_t, dc_total * k[:, 5 * hidden:]), dz
+
+    return jax.lax.scan(step, carry, (d_ys, coef), reverse=True, unroll=unroll)
+
+
+@functools.lru_cache(maxsize=None)
+def _coef_fn(unroll):
+    """``layer_fused`` saving the backward's per-step coefficients (float32; no lengths, rmask or remat)."""
+
+    fused = jax.custom_vjp(_layer._primal_fn(unroll, None))
+
+    def fwd(w_ih, w_hh, b, xs, h0, c0, valid, rmask):
+        (h_t, c_t), (ys, coef) = _forward_steps_coef(_layer._input_projection(xs, w_ih, b), w_hh, h0, c0, unroll)
+        return (ys, h_t, c_t), (w_ih, w_hh, xs, h0, coef, ys)
+
+    def bwd(residuals, cotangents):
+        w_ih, w_hh, xs, h0, coef, ys = residuals
+        d_ys, d_h_t, d_c_t = cotangents
+        (dh0, dc0), dz = _backward_steps_coef(w_hh.T, d_ys, coef, (d_h_t, d_c_t), unroll)
+        h_prev = jnp.concatenate([h0[None], ys], axis=0)[:-1]
+        d_w_ih, d_w_hh, d_b = _layer._weight_grads(xs, h_prev, dz, None, None)
+        d_xs = jnp.einsum("tbg,ig->tbi", dz, w_ih).astype(xs.dtype)
+        return d_w_ih, d_w_hh, d_b, d_xs, dh0, dc0, None, None
+
+    fused.defvjp(fwd, bwd)
+    return fused
+
+
+def layer_coef(w_ih, w_hh, b, xs, h0, c0, valid=None, rmask=None, *, unroll=1, remat_chunk=None,
+               matmul_dtype=None):
+    if any(a is not None for a in (valid, rmask, remat_chunk, matmul_dtype)):
+        raise ValueError("the coef ablation supports no lengths, rmask, remat_chunk or matmul_dtype")
+    return _coef_fn(unroll)(w_ih, w_hh, b, xs, h0, c0, valid, rmask)
+
+
 # Registered under a private name so that lj.lstm(impl=...) runs it through the same stack code.
 _stack._IMPLS["_recompute"] = layer_recompute
+_stack._IMPLS["_coef"] = layer_coef
 
 VARIANTS = {
     "store": {"impl": "fused", "unroll": 1},
     "recompute": {"impl": "_recompute", "unroll": 1},
+    "coef": {"impl": "_coef", "unroll": 1},
     "unroll2": {"impl": "fused", "unroll": 2},
     "unroll4": {"impl": "fused", "unroll": 4},
     "scan": {"impl": "scan", "unroll": 1},

@@ -510,9 +510,14 @@ def targets(report: dict) -> list[dict]:
             ts_flops = Shape(**ts["shape"]).forward_flops() * ts["sequences"] // ts["batch"]
             ts_torch = ((ts["results"].get("torch") or {}).get("pass") or {}).get("median_s")
         ratio_row("10,000-sequence test-set inference, fused / torch", 0.7, ts_ratio, ts_flops, ts_torch)
-        first = _entry(tut, "lstm_jax_fused").get("train_first_result_s")
+        fused_tut = _entry(tut, "lstm_jax_fused")
+        first = fused_tut.get("train_first_result_s")
         rows.append({"target": "tutorial time to the first training step (s)", "goal": "≤ 2", "measured": first,
                      "met": None if first is None else first <= 2.0, "bound": None})
+        # The issue reads this target as compile time: the first result less one ordinary step.
+        compiled = None if first is None or not fused_tut.get("train") else first - fused_tut["train"]["median_s"]
+        rows.append({"target": "tutorial compile time: first training step − median step (s)", "goal": "≤ 2",
+                     "measured": compiled, "met": None if compiled is None else compiled <= 2.0, "bound": None})
         frac = (_entry(tut, "lstm_jax_fused").get("train") or {}).get("frac_of_floor")
         rows.append({"target": "tutorial training step, fraction of the GEMM-chain floor", "goal": "≥ 0.8",
                      "measured": frac, "met": None if frac is None else frac >= 0.8, "bound": None})
