@@ -60,7 +60,7 @@ def _recompute_fn(unroll):
 
     def fwd(w_ih, w_hh, b, xs, h0, c0, valid, rmask):
         (h_t, c_t), (ys, _acts, hs, cs) = _layer._forward_steps(
-            _layer._input_projection(xs, w_ih, b), w_hh, h0, c0, valid, rmask, unroll, True)
+            _layer._input_projection(xs, w_ih, b), b, w_hh, h0, c0, valid, rmask, unroll, True)
         # Only the states are residuals; the gate activations are not kept for the backward pass.
         return (ys, h_t, c_t), (w_ih, w_hh, b, xs, h0, c0, valid, rmask, hs, cs)
 
@@ -69,7 +69,7 @@ def _recompute_fn(unroll):
         d_ys, d_h_t, d_c_t = cotangents
         h_prev = jnp.concatenate([h0[None], hs], axis=0)[:-1]
         h_in = h_prev if rmask is None else h_prev * rmask
-        acts = gate_activations(_layer._input_projection(xs, w_ih, b) + jnp.einsum("tbh,hg->tbg", h_in, w_hh))
+        acts = gate_activations(_layer._input_projection(xs, w_ih, b) + jnp.einsum("tbh,hg->tbg", h_in, w_hh) + b)
         d_rmask = None if rmask is None else jnp.zeros_like(rmask)
         (dh0, dc0, d_rmask), dz, h_prev = _layer._backward_steps(
             w_hh.T, d_ys, acts, hs, cs, h0, c0, valid, rmask, (d_h_t, d_c_t, d_rmask), unroll)
@@ -88,14 +88,14 @@ def layer_recompute(w_ih, w_hh, b, xs, h0, c0, valid=None, rmask=None, *, unroll
     return _recompute_fn(unroll)(w_ih, w_hh, b, xs, h0, c0, valid, rmask)
 
 
-def _forward_steps_coef(zx, w_hh, h0, c0, unroll):
+def _forward_steps_coef(zx, b, w_hh, h0, c0, unroll):
     """The forward scan, saving per step the backward's coefficients ``[B, 6H]`` instead of
     the gate activations and the cell state ``[B, 5H]``: ``dz/dc_total`` for (i, f, g),
     ``dz_o/dh``, ``dc/dh`` and ``f``, so that the backward step is a few multiplies and the dot."""
 
     def step(carry, zx_t):
         h, c = carry
-        acts = gate_activations(zx_t + h @ w_hh)
+        acts = gate_activations(zx_t + h @ w_hh + b)
         i, f, g, o = jnp.split(acts, 4, axis=-1)
         c_new = f * c + i * g
         tanh_c = jnp.tanh(c_new)
@@ -128,7 +128,7 @@ def _coef_fn(unroll):
     fused = jax.custom_vjp(_layer._primal_fn(unroll, None))
 
     def fwd(w_ih, w_hh, b, xs, h0, c0, valid, rmask):
-        (h_t, c_t), (ys, coef) = _forward_steps_coef(_layer._input_projection(xs, w_ih, b), w_hh, h0, c0, unroll)
+        (h_t, c_t), (ys, coef) = _forward_steps_coef(_layer._input_projection(xs, w_ih, b), b, w_hh, h0, c0, unroll)
         return (ys, h_t, c_t), (w_ih, w_hh, xs, h0, coef, ys)
 
     def bwd(residuals, cotangents):

@@ -13,7 +13,7 @@ return the same values:
   forward mode.
 
 In both, the input projection for every timestep is one ``[T*B, in] x [in, 4H]`` matmul
-outside the loop; the loop body does only ``h @ w_hh`` and the gate math.
+outside the loop; the loop body does only ``h @ w_hh``, the bias add and the gate math.
 
 Rematerialisation (``remat_chunk=K``) for long sequences: only the state at every K-th step
 is kept for the backward pass, and each chunk of K steps is recomputed just before it is
@@ -53,15 +53,18 @@ def _einsum(spec, a, b, matmul_dtype, out_dtype):
 
 
 def _input_projection(xs, w_ih, b, matmul_dtype=None):
-    return _einsum("tbi,ig->tbg", xs, w_ih, matmul_dtype, b.dtype) + b
+    """``xs @ w_ih`` for every timestep, ``[T, B, 4H]``, without the bias: ``_forward_steps``
+    adds ``b`` inside its gate fusion, which saves XLA a separate pass over this array (the
+    tutorial's inference measured 8-10% faster; training unchanged)."""
+    return _einsum("tbi,ig->tbg", xs, w_ih, matmul_dtype, b.dtype)
 
 
 def _cast(w, matmul_dtype):
     return w if matmul_dtype is None else w.astype(matmul_dtype)
 
 
-def _forward_steps(zx, w_hh, h0, c0, valid, rmask, unroll, save_residuals):
-    """The recurrence over precomputed input projections ``zx [T, B, 4H]``.
+def _forward_steps(zx, b, w_hh, h0, c0, valid, rmask, unroll, save_residuals):
+    """The recurrence over precomputed input projections ``zx [T, B, 4H]`` (bias ``b`` not yet added).
 
     Returns ``((h_T, c_T), ys)``, or ``((h_T, c_T), (ys, acts, hs, cs))`` when saving what the
     backward pass needs (``hs``/``cs``: the carried state after each step).
@@ -71,7 +74,7 @@ def _forward_steps(zx, w_hh, h0, c0, valid, rmask, unroll, save_residuals):
         h, c = carry
         zx_t, v_t = inputs
         h_in = h if rmask is None else h * rmask
-        acts = gate_activations(zx_t + _mm(h_in, w_hh, zx_t.dtype))
+        acts = gate_activations(zx_t + _mm(h_in, w_hh, zx_t.dtype) + b)
         h_new, c_new, _ = cell_update(acts, c)
         if v_t is None:
             y = h_new
@@ -182,7 +185,7 @@ def layer_scan(w_ih, w_hh, b, xs, h0, c0, valid=None, rmask=None, *, unroll=1, r
     """Reference path: autodiff through ``lax.scan``. See the module docstring for shapes."""
     w_hh = _cast(w_hh, matmul_dtype)
     if remat_chunk is None:
-        (h_t, c_t), ys = _forward_steps(_input_projection(xs, w_ih, b, matmul_dtype), w_hh, h0, c0, valid, rmask,
+        (h_t, c_t), ys = _forward_steps(_input_projection(xs, w_ih, b, matmul_dtype), b, w_hh, h0, c0, valid, rmask,
                                         unroll, False)
         return ys, h_t, c_t
 
@@ -191,7 +194,7 @@ def layer_scan(w_ih, w_hh, b, xs, h0, c0, valid=None, rmask=None, *, unroll=1, r
     @jax.checkpoint
     def chunk_body(carry, inputs):
         x_k, v_k = inputs
-        carry, ys = _forward_steps(_input_projection(x_k, w_ih, b, matmul_dtype), w_hh, *carry, v_k, rmask,
+        carry, ys = _forward_steps(_input_projection(x_k, w_ih, b, matmul_dtype), b, w_hh, *carry, v_k, rmask,
                                    unroll, False)
         return carry, ys
 
@@ -203,7 +206,7 @@ def _primal_fn(unroll, matmul_dtype):
     """The forward of the fused layer (shared by the stored and the remat variants)."""
 
     def primal(w_ih, w_hh, b, xs, h0, c0, valid, rmask):
-        (h_t, c_t), ys = _forward_steps(_input_projection(xs, w_ih, b, matmul_dtype), _cast(w_hh, matmul_dtype), h0, c0,
+        (h_t, c_t), ys = _forward_steps(_input_projection(xs, w_ih, b, matmul_dtype), b, _cast(w_hh, matmul_dtype), h0, c0,
                                         valid, rmask, unroll, False)
         return ys, h_t, c_t
 
@@ -216,7 +219,7 @@ def _fused_fn(unroll, matmul_dtype):
 
     def fwd(w_ih, w_hh, b, xs, h0, c0, valid, rmask):
         (h_t, c_t), (ys, acts, hs, cs) = _forward_steps(
-            _input_projection(xs, w_ih, b, matmul_dtype), _cast(w_hh, matmul_dtype), h0, c0, valid, rmask, unroll,
+            _input_projection(xs, w_ih, b, matmul_dtype), b, _cast(w_hh, matmul_dtype), h0, c0, valid, rmask, unroll,
             True)
         return (ys, h_t, c_t), (w_ih, w_hh, xs, h0, c0, valid, rmask, acts, hs, cs)
 
@@ -245,7 +248,7 @@ def _fused_remat_fn(unroll, chunk, matmul_dtype):
 
         def chunk_body(carry, inputs):
             x_k, v_k = inputs
-            new_carry, ys = _forward_steps(_input_projection(x_k, w_ih, b, matmul_dtype), _cast(w_hh, matmul_dtype),
+            new_carry, ys = _forward_steps(_input_projection(x_k, w_ih, b, matmul_dtype), b, _cast(w_hh, matmul_dtype),
                                            *carry, v_k, rmask, unroll, False)
             return new_carry, (ys, carry)  # keep the state at the chunk's start
 
@@ -264,7 +267,7 @@ def _fused_remat_fn(unroll, chunk, matmul_dtype):
             state_carry, (g_ih, g_hh, g_b) = carry
             x_k, v_k, dy_k, h_k, c_k = inputs
             _, (_, acts, hs, cs) = _forward_steps(
-                _input_projection(x_k, w_ih, b, matmul_dtype), w_hh_c, h_k, c_k, v_k, rmask, unroll, True)
+                _input_projection(x_k, w_ih, b, matmul_dtype), b, w_hh_c, h_k, c_k, v_k, rmask, unroll, True)
             state_carry, dz, h_prev = _backward_steps(
                 w_hh_t, dy_k, acts, hs, cs, h_k, c_k, v_k, rmask, state_carry, unroll)
             d_w_ih, d_w_hh, d_b = _weight_grads(x_k, h_prev, dz, rmask, matmul_dtype)
