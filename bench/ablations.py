@@ -65,8 +65,7 @@ def _recompute_fn(unroll):
     fused = jax.custom_vjp(_layer._primal_fn(unroll, None))  # the library's forward
 
     def fwd(w_ih, w_hh, b, xs, h0, c0, valid, rmask):
-        (h_t, c_t), (ys, _acts, hs, cs) = _layer._forward_steps(
-            _layer._input_projection(xs, w_ih, b), b, w_hh, h0, c0, valid, rmask, unroll, True)
+        (h_t, c_t), (ys, _acts, hs, cs) = _layer._forward_steps(xs, w_ih, b, w_hh, h0, c0, valid, rmask, unroll, True)
         # Only the states are residuals; the gate activations are not kept for the backward pass.
         return (ys, h_t, c_t), (w_ih, w_hh, b, xs, h0, c0, valid, rmask, hs, cs)
 
@@ -75,7 +74,7 @@ def _recompute_fn(unroll):
         d_ys, d_h_t, d_c_t = cotangents
         h_prev = jnp.concatenate([h0[None], hs], axis=0)[:-1]
         h_in = h_prev if rmask is None else h_prev * rmask
-        acts = gate_activations(_layer._input_projection(xs, w_ih, b) + jnp.einsum("tbh,hg->tbg", h_in, w_hh) + b)
+        acts = gate_activations(_layer._input_projection(xs, w_ih, b.dtype) + jnp.einsum("tbh,hg->tbg", h_in, w_hh) + b)
         d_rmask = None if rmask is None else jnp.zeros_like(rmask)
         (dh0, dc0, d_rmask), dz, h_prev = _layer._backward_steps(
             w_hh.T, d_ys, acts, hs, cs, h0, c0, valid, rmask, (d_h_t, d_c_t, d_rmask), unroll)
@@ -132,7 +131,7 @@ def _coef_fn(unroll):
     fused = jax.custom_vjp(_layer._primal_fn(unroll, None))
 
     def fwd(w_ih, w_hh, b, xs, h0, c0, valid, rmask):
-        (h_t, c_t), (ys, coef) = _forward_steps_coef(_layer._input_projection(xs, w_ih, b), b, w_hh, h0, c0, unroll)
+        (h_t, c_t), (ys, coef) = _forward_steps_coef(_layer._input_projection(xs, w_ih, b.dtype), b, w_hh, h0, c0, unroll)
         return (ys, h_t, c_t), (w_ih, w_hh, xs, h0, coef, ys)
 
     def bwd(residuals, cotangents):
