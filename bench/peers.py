@@ -6,7 +6,9 @@ learning rate 1e-3 -- and exposes:
 
 * ``setup_train()``: builds the training step, runs it once on input set 0 and returns the
   wall time from creating the (jitted) function to that first result being ready; the
-  first step's loss is kept in ``first_loss``.
+  first step's loss is kept in ``first_loss``. JAX implementations also keep, in
+  ``compile_s["train"]``, what JAX itself reports that first call spent tracing, lowering
+  and compiling (see :class:`CompileTimer`); torch runs eagerly and compiles nothing.
 * ``train_step(k)``: one training step on input set ``k``, blocking until it is done.
 * ``setup_infer()`` / ``infer_step(k)``: the same for the inference forward pass (logits).
 * ``memory()``: what the platform reports about the implementation's memory (see
@@ -92,6 +94,7 @@ def init_reference_weights(shape: Shape, seed: int):
 class Impl:
     name: str = "?"
     first_loss: Optional[float] = None
+    compile_s: Optional[dict] = None  # {"train": {...}, "infer": {...}}, see CompileTimer
 
     def setup_train(self) -> float:
         raise NotImplementedError
@@ -128,6 +131,45 @@ def _xla_memory(compiled) -> Optional[dict]:
         "argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes", "temp_size_in_bytes"))
     return {"argument_bytes": arg, "output_bytes": out, "alias_bytes": alias, "temp_bytes": temp,
             "total_bytes": arg + out - alias + temp}
+
+
+class CompileTimer:
+    """Sums the durations JAX reports for tracing, lowering to StableHLO and XLA compilation
+    while it is active (``jax.monitoring`` events, the ones JAX's own compile logging uses).
+
+    This is compile time measured directly, apart from the first execution: the first
+    result minus a later step's time also counts what the first execution does once
+    (allocating buffers, faulting in pages), which grows with the sequence length.
+    """
+
+    EVENTS = {"/jax/core/compile/jaxpr_trace_duration": "trace_s",
+              "/jax/core/compile/jaxpr_to_mlir_module_duration": "lower_s",
+              "/jax/core/compile/backend_compile_duration": "xla_s"}
+
+    def __init__(self):
+        self.parts = {k: 0.0 for k in self.EVENTS.values()}
+        self.xla_compilations = 0
+
+    def _listen(self, event, duration_secs, **kwargs):
+        key = self.EVENTS.get(event)
+        if key is not None:
+            self.parts[key] += duration_secs
+            self.xla_compilations += key == "xla_s"
+
+    def __enter__(self):
+        import jax
+
+        jax.monitoring.register_event_duration_secs_listener(self._listen)
+        return self
+
+    def __exit__(self, *exc):
+        import jax
+
+        jax.monitoring.unregister_event_duration_listener(self._listen)
+
+    def result(self) -> dict:
+        """``{"total_s", "trace_s", "lower_s", "xla_s", "xla_compilations"}``."""
+        return {"total_s": sum(self.parts.values()), **self.parts, "xla_compilations": self.xla_compilations}
 
 
 class JaxImpl(Impl):
@@ -169,10 +211,12 @@ class JaxImpl(Impl):
             return optax.apply_updates(params, updates), opt_state, loss
 
         t0 = time.perf_counter()
-        self._step = jax.jit(train_step, donate_argnums=(0, 1))
-        params, opt_state, loss = self._step(params, opt_state, self._xs[0], self._ys[0])
-        jax.block_until_ready((params, opt_state, loss))
+        with CompileTimer() as timer:
+            self._step = jax.jit(train_step, donate_argnums=(0, 1))
+            params, opt_state, loss = self._step(params, opt_state, self._xs[0], self._ys[0])
+            jax.block_until_ready((params, opt_state, loss))
         elapsed = time.perf_counter() - t0
+        self.compile_s = {**(self.compile_s or {}), "train": timer.result()}
         self.first_loss = float(loss)
         self._state = (params, opt_state)
         return elapsed
@@ -186,9 +230,12 @@ class JaxImpl(Impl):
     def setup_infer(self) -> float:
         jax = self._jax
         t0 = time.perf_counter()
-        self._infer = jax.jit(self._logits_fn)
-        jax.block_until_ready(self._infer(self._params, self._xs[0]))
-        return time.perf_counter() - t0
+        with CompileTimer() as timer:
+            self._infer = jax.jit(self._logits_fn)
+            jax.block_until_ready(self._infer(self._params, self._xs[0]))
+        elapsed = time.perf_counter() - t0
+        self.compile_s = {**(self.compile_s or {}), "infer": timer.result()}
+        return elapsed
 
     def infer_step(self, k: int) -> None:
         self._jax.block_until_ready(self._infer(self._params, self._xs[k % len(self._xs)]))

@@ -32,6 +32,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -277,6 +278,7 @@ def run_phase(impls: dict, phase: str, steps: int, rounds: int, warmup: int, ent
             for w in range(warmup):
                 getattr(impl, f"{phase}_step")(w + 1)
             entries[name][f"{phase}_first_result_s"] = ttfr
+            entries[name][f"{phase}_compile"] = (impl.compile_s or {}).get(phase)
         except Exception as e:  # noqa: BLE001
             errors[name] = f"{type(e).__name__}: {e}"
     fns = {n: getattr(i, f"{phase}_step") for n, i in impls.items() if n not in errors}
@@ -407,6 +409,7 @@ def run_testset(env: Env, spec: dict, passes: int, impl_names) -> dict:
     for name, impl in list(impls.items()):
         try:
             entries[name]["first_result_s"] = impl.setup_infer()
+            entries[name]["compile"] = (impl.compile_s or {}).get("infer")
         except Exception as e:  # noqa: BLE001
             entries[name] = error_entry(e)
             del impls[name]
@@ -474,6 +477,22 @@ def _median(config: dict | None, impl: str, phase: str) -> float | None:
     return (_entry(config, impl).get(phase) or {}).get("median_s")
 
 
+def train_compile_s(entry: dict) -> tuple[Optional[float], str]:
+    """An implementation's compile time for its training step, and how it was measured.
+
+    Reports since the CompileTimer hold JAX's own durations of tracing, lowering and XLA
+    compilation; older ones only the first result, less one ordinary step as an estimate
+    (which also counts the first execution's one-off costs, growing with T).
+    """
+    direct = entry.get("train_compile")
+    if direct:
+        return direct["total_s"], "trace + lowering + XLA compile"
+    first, train = entry.get("train_first_result_s"), entry.get("train")
+    if first is None or not train:
+        return None, "not measured"
+    return first - train["median_s"], "first training step − median step"
+
+
 def targets(report: dict) -> list[dict]:
     """The issue's benchmark targets with what this run measured.
 
@@ -514,28 +533,28 @@ def targets(report: dict) -> list[dict]:
         first = fused_tut.get("train_first_result_s")
         rows.append({"target": "tutorial time to the first training step (s)", "goal": "≤ 2", "measured": first,
                      "met": None if first is None else first <= 2.0, "bound": None})
-        # The issue reads this target as compile time: the first result less one ordinary step.
-        compiled = None if first is None or not fused_tut.get("train") else first - fused_tut["train"]["median_s"]
-        rows.append({"target": "tutorial compile time: first training step − median step (s)", "goal": "≤ 2",
+        # The issue reads this target as compile time.
+        compiled, how = train_compile_s(fused_tut)
+        rows.append({"target": f"tutorial compile time: {how} (s)", "goal": "≤ 2",
                      "measured": compiled, "met": None if compiled is None else compiled <= 2.0, "bound": None})
         frac = (fused_tut.get("train") or {}).get("frac_of_floor")
         rows.append({"target": "tutorial training step, fraction of the GEMM-chain floor", "goal": "≥ 0.8",
                      "measured": frac, "met": None if frac is None else frac >= 0.8, "bound": None})
         ratio_row("pixel (T=784) training step, fused / torch", 0.8, train_ratio(pix, "torch"),
                   (pix or {}).get("flops", {}).get("train"), _median(pix, "torch", "train"))
-        # Compile time = first result minus one ordinary step, over the configs that vary T:
-        # the T sweep and pixel (keyed by name: several configs share a T).
+        # Compile time over the configs that vary T: the T sweep and pixel (keyed by name:
+        # several configs share a T).
         in_t_sweep = SWEEPS["steps"][1]
-        compile_s = {}
+        compile_s, hows = {}, set()
         for name, c in configs.items():
-            e = _entry(c, "lstm_jax_fused")
-            if (e.get("train_first_result_s") is not None and e.get("train")
-                    and (name == "pixel" or in_t_sweep(Shape(**c["shape"])))):
-                compile_s[(c["shape"]["steps"], name)] = e["train_first_result_s"] - e["train"]["median_s"]
+            seconds, how = train_compile_s(_entry(c, "lstm_jax_fused"))
+            if seconds is not None and (name == "pixel" or in_t_sweep(Shape(**c["shape"]))):
+                compile_s[(c["shape"]["steps"], name)] = seconds
+                hows.add(how)
         if len(compile_s) >= 2:
             spread = max(compile_s.values()) / min(compile_s.values())
             text = ", ".join(f"{n} T={t}: {s:.2f} s" for (t, n), s in sorted(compile_s.items()))
-            rows.append({"target": f"compile time independent of T, the T sweep and pixel (first step − median step; {text})",
+            rows.append({"target": f"compile time independent of T, the T sweep and pixel ({' / '.join(sorted(hows))}; {text})",
                          "goal": "max/min ≤ 1.5", "measured": spread, "met": spread <= 1.5, "bound": None})
     else:
         ratio_row("tutorial training step, fused / torch (cuDNN)", 1.0, train_ratio(tut, "torch"), tut_flops,
@@ -579,6 +598,13 @@ def _mem(e: dict, phase: str) -> str:
         return "—"
     b = m.get("peak_bytes", m.get("total_bytes"))
     return "—" if b is None else f"{b / 2**20:.1f}"
+
+
+def _first(first_s, compile_entry) -> str:
+    """The time to the first result, with the compile time in it when JAX reported one."""
+    if first_s is None:
+        return "—"
+    return f"{first_s:.2f}" + ("" if not compile_entry else f" ({compile_entry['total_s']:.2f})")
 
 
 def _ratio(x):
@@ -630,15 +656,16 @@ def markdown(report: dict) -> str:
             f"{c['description']}. FLOPs: forward {c['flops']['forward'] / 1e9:.3g} G, train {c['flops']['train'] / 1e9:.3g} G. "
             f"GEMM chain: {gtxt}" + (f"; floor: train {_ms(fl['train_s'])} ms, infer {_ms(fl['forward_s'])} ms." if fl else "."),
             "",
-            "| impl | train ms | % floor | infer ms | % floor | first train s | first infer s | train MiB | infer MiB | first loss |",
+            "| impl | train ms | % floor | infer ms | % floor | first train s (compile) | first infer s (compile) "
+            "| train MiB | infer MiB | first loss |",
             "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for impl, e in c["results"].items():
-            ft, fi = e.get("train_first_result_s"), e.get("infer_first_result_s")
             loss = e.get("first_loss")
             lines.append(
                 f"| {impl} | {_cell(e, 'train')} | {_pct(e, 'train')} | {_cell(e, 'infer')} | {_pct(e, 'infer')} | "
-                f"{'—' if ft is None else f'{ft:.2f}'} | {'—' if fi is None else f'{fi:.2f}'} | "
+                f"{_first(e.get('train_first_result_s'), e.get('train_compile'))} | "
+                f"{_first(e.get('infer_first_result_s'), e.get('infer_compile'))} | "
                 f"{_mem(e, 'train')} | {_mem(e, 'infer')} | {'—' if loss is None else f'{loss:.6f}'} |")
         chk = c.get("first_loss_check")
         if chk:
@@ -686,12 +713,12 @@ def markdown(report: dict) -> str:
     ts = report.get("testset")
     if ts:
         lines += [f"## Inference over a {ts['sequences']}-sequence test set ({ts['config']} shape, batches of {ts['batch']})", "",
-                  "| impl | pass s (median [min–max]) | sequences/s | first result s |", "|---|---|---|---|"]
+                  "| impl | pass s (median [min–max]) | sequences/s | first result s (compile) |", "|---|---|---|---|"]
         for impl, e in ts["results"].items():
             if "pass" in e:
                 p = e["pass"]
                 lines.append(f"| {impl} | {p['median_s']:.3f} [{p['min_s']:.3f}–{p['max_s']:.3f}] | "
-                             f"{e['sequences_per_s']:.0f} | {e['first_result_s']:.2f} |")
+                             f"{e['sequences_per_s']:.0f} | {_first(e['first_result_s'], e.get('compile'))} |")
             else:
                 lines.append(f"| {impl} | {e.get('reason') or e.get('error', '')[:60]} | — | — |")
         if ts["ratios"]:

@@ -70,6 +70,17 @@ def test_every_peer_ran_in_every_quick_config(quick_run):
                     assert _positive_finite(st[key]), f"{name}/{impl}/{phase}/{key} = {st[key]!r}"
                 assert st["min_s"] <= st["q1_s"] <= st["median_s"] <= st["q3_s"] <= st["max_s"]
                 assert _positive_finite(e[f"{phase}_first_result_s"])
+                comp = e[f"{phase}_compile"]
+                if impl == "torch":
+                    assert comp is None, f"{name}/torch/{phase}: eager torch compiles nothing: {comp}"
+                else:
+                    # JAX's own durations of the first call: one XLA compilation of the step,
+                    # its parts summing to the total, all inside the time to the first result.
+                    assert comp["xla_compilations"] >= 1, f"{name}/{impl}/{phase}: {comp}"
+                    parts = [comp[k] for k in ("trace_s", "lower_s", "xla_s")]
+                    assert all(_positive_finite(p) for p in parts), f"{name}/{impl}/{phase}: {comp}"
+                    assert math.isclose(comp["total_s"], sum(parts), rel_tol=1e-9)
+                    assert comp["total_s"] <= e[f"{phase}_first_result_s"]
             assert math.isfinite(e["first_loss"])
         assert all(_positive_finite(v) for v in c["flops"].values())
         for lib in ("jax", "torch"):
@@ -118,6 +129,9 @@ def test_testset_inference_ran(quick_run):
         assert e["status"] == "ok", e
         assert _positive_finite(e["pass"]["median_s"]) and _positive_finite(e["sequences_per_s"])
         assert _positive_finite(e["first_result_s"])
+    comp = ts["results"]["lstm_jax_fused"]["compile"]
+    assert comp["xla_compilations"] >= 1 and 0 < comp["total_s"] <= ts["results"]["lstm_jax_fused"]["first_result_s"]
+    assert ts["results"]["torch"]["compile"] is None
     assert _positive_finite(ts["ratios"]["lstm_jax_fused/torch"])
 
 
@@ -164,10 +178,12 @@ def _load_run_module():
     return module
 
 
-def _config(train_flops, medians, ratios, layers=3, steps=28, first=None):
+def _config(train_flops, medians, ratios, layers=3, steps=28, first=None, compile_s=None):
     results = {impl: {"train": {"median_s": s}} for impl, s in medians.items()}
     if first is not None:
         results["lstm_jax_fused"]["train_first_result_s"] = first
+    if compile_s is not None:
+        results["lstm_jax_fused"]["train_compile"] = {"total_s": compile_s}
     return {"shape": {"batch": 128, "steps": steps, "inputs": 28, "hidden": 256, "layers": layers},
             "flops": {"train": train_flops}, "results": results, "ratios": {"train": ratios}}
 
@@ -186,12 +202,28 @@ def test_targets_bounds_follow_from_the_peak_rate():
     flax_row = rows["tutorial training step, fused / Flax"]
     assert flax_row["met"] is True and math.isclose(flax_row["bound"], 1.0 / 3.0)
     assert rows["tutorial time to the first training step (s)"]["met"] is False  # 2.5 s > 2 s
+    # A report without measured compile times: estimated as first step - median step.
     compile_tut = rows["tutorial compile time: first training step − median step (s)"]
     assert math.isclose(compile_tut["measured"], 1.0) and compile_tut["met"] is True  # 2.5 s - 1.5 s
     assert rows["10,000-sequence test-set inference, fused / torch"]["met"] is None  # not measured
     # Compile estimates 1.0 s (T=16) and 2.0 s (T=256): spread 2 > 1.5, not independent of T.
     compile_row = next(r for t, r in rows.items() if t.startswith("compile time"))
     assert math.isclose(compile_row["measured"], 2.0) and compile_row["met"] is False
+    assert "first training step − median step" in next(t for t in rows if t.startswith("compile time"))
+
+    # Measured compile times take precedence over the estimate: 2.1 s for the tutorial (not
+    # met, though first - median = 1.0 s), and 1.2 s / 1.5 s across T (spread 1.25, met).
+    tut["results"]["lstm_jax_fused"]["train_compile"] = {"total_s": 2.1}
+    report["configs"]["seq16"] = seq(16, 1.1, 0.1)
+    report["configs"]["seq16"]["results"]["lstm_jax_fused"]["train_compile"] = {"total_s": 1.2}
+    report["configs"]["seq256"] = _config(1e9, {"lstm_jax_fused": 1.0}, {}, layers=1, steps=256, first=3.0,
+                                          compile_s=1.5)
+    rows = {r["target"]: r for r in run.targets(report)}
+    measured_tut = rows["tutorial compile time: trace + lowering + XLA compile (s)"]
+    assert math.isclose(measured_tut["measured"], 2.1) and measured_tut["met"] is False
+    title, compile_row = next((t, r) for t, r in rows.items() if t.startswith("compile time"))
+    assert math.isclose(compile_row["measured"], 1.25) and compile_row["met"] is True
+    assert "trace + lowering + XLA compile" in title and "seq256 T=256: 1.50 s" in title
 
     report["platform"] = "gpu"
     gpu_rows = {r["target"]: r for r in run.targets(report)}
