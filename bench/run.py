@@ -778,6 +778,8 @@ def steps_for(name: str, args) -> int:
 def main(argv=None) -> int:
     args = parse_args(argv)
     t0 = time.perf_counter()
+    # What is imported now is what gets timed: record the checkout's state now, not at the end.
+    git_start = git_info()
     load_start = os.getloadavg() if hasattr(os, "getloadavg") else None
     env = Env(args)
     dev = device_name(env.platform, env.jax_device)
@@ -847,7 +849,7 @@ def main(argv=None) -> int:
                     "jax_process_peak_bytes": jax_peak},
         "torch": env.torch_info,
         "versions": versions(),
-        "git": git_info(),
+        "git": git_start,
         "precision": args.precision if env.on_gpu else "float32 (CPU)",
         "lstm_jax_unroll": args.unroll,
         "steps_note": ", ".join(sorted({f"{n}: {steps_for(n, args)}" for n in args.config_names})),

@@ -69,6 +69,13 @@ def _forward_steps(xs, w_ih, b, w_hh, h0, c0, valid, rmask, unroll, save_residua
     Returns ``((h_T, c_T), ys)``, or ``((h_T, c_T), (ys, acts, hs, cs))`` when saving what the
     backward pass needs (``hs``/``cs``: the carried state after each step).
     """
+    zx = _input_projection(xs, w_ih, b.dtype, matmul_dtype)
+    return _recurrence(zx, b, w_hh, h0, c0, valid, rmask, unroll, save_residuals)
+
+
+def _recurrence(zx, b, w_hh, h0, c0, valid, rmask, unroll, save_residuals):
+    """The loop of :func:`_forward_steps` over the projected inputs ``zx [T, B, 4H]`` (without
+    ``b``). Separate so that ``bench/persistent.py`` can time the loop alone."""
 
     def step(carry, inputs):
         h, c = carry
@@ -88,7 +95,6 @@ def _forward_steps(xs, w_ih, b, w_hh, h0, c0, valid, rmask, unroll, save_residua
         # Without lengths the carried h is the output: emit one copy.
         return (h_new, c_new), (y, acts, None if v_t is None else h_new, c_new)
 
-    zx = _input_projection(xs, w_ih, b.dtype, matmul_dtype)
     (h_t, c_t), out = jax.lax.scan(step, (h0, c0), (zx, valid), unroll=unroll)
     if save_residuals and valid is None:
         ys, acts, _, cs = out

@@ -16,6 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -308,3 +309,78 @@ def test_gemm_threads_probe_runs(tmp_path):
     rows = json.loads(out.read_text())["gemm"]
     assert [(r["batch"], r["hidden"], r["macs"]) for r in rows] == [(2, 3, 2 * 3 * 12), (5, 4, 5 * 4 * 16)]
     assert all(_positive_finite(r["jax_s_per_step"]) for r in rows)
+
+
+PERSISTENT = ROOT / "bench" / "persistent.py"
+
+
+def test_persistent_study_quick_run(tmp_path):
+    """bench/persistent.py --quick: every loop ran at every size, and the fractions are the
+    ratios of the reported per-step times (no timing value is asserted)."""
+    out = tmp_path / "persistent"
+    cmd = [sys.executable, str(PERSISTENT), "--quick", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"{cmd} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    report = json.loads(out.with_suffix(".json").read_text())
+    assert [r["config"] for r in report["results"]] == ["tiny", "tiny_h1"]
+    on_gpu = report["platform"] == "gpu"
+    for r in report["results"]:
+        expected = {"empty", "dot", "lstm_jax", "batched_gemm"} | ({"cudnn"} if on_gpu else set())
+        assert set(r["per_step_s"]) == expected, r["per_step_s"]
+        assert all(_positive_finite(s) for s in r["per_step_s"].values())
+        for name, s in r["per_step_s"].items():
+            assert math.isclose(r["stats"][name]["median_s"] / r["steps"], s, rel_tol=1e-12)
+            assert math.isclose(r["fraction_of_lstm_step"][name], s / r["per_step_s"]["lstm_jax"], rel_tol=1e-12)
+        assert r["batch_run"] >= r["batch"]
+    md = out.with_suffix(".md").read_text()
+    assert "| tiny |" in md and "| tiny_h1 |" in md
+
+
+def test_persistent_study_cudnn_call_is_well_formed(monkeypatch):
+    """The cuDNN loop only runs on a GPU (even its shape inference needs jaxlib's CUDA
+    plugin). Here its call goes to ``jax.experimental.rnn.lstm_ref``, the pure-JAX reference
+    with the same semantics, after binding to ``rnn.lstm``'s signature, so that a GPU session
+    does not find a malformed call on its lent machine."""
+    import inspect
+
+    import jax
+    from jax.experimental import rnn
+
+    signature = inspect.signature(rnn.lstm)
+
+    def lstm_via_ref(*args, **kwargs):
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        a = bound.arguments
+        w_ih, w_hh, b_ih, b_hh = rnn.unpack_lstm_weights(a["weights"], a["input_size"], a["hidden_size"],
+                                                          a["num_layers"], a["bidirectional"])
+        return rnn.lstm_ref(a["x"], a["h_0"], a["c_0"], w_ih, w_hh, b_ih, b_hh, a["seq_lengths"], a["input_size"],
+                            a["hidden_size"], a["num_layers"], a["dropout"], a["bidirectional"])
+
+    monkeypatch.setattr(rnn, "lstm", lstm_via_ref)
+    spec = importlib.util.spec_from_file_location("bench_persistent_for_test", PERSISTENT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    fn, args = module.cudnn_forward(batch=3, steps=5, hidden=4)
+    out = jax.block_until_ready(fn(*args))
+    assert out.shape == (3, 5, 4) and out.dtype == np.float32 and np.all(np.isfinite(out))
+
+
+def test_persistent_study_times_the_librarys_loop():
+    """The loop the study times (``_layer._recurrence`` over projected inputs) is what
+    ``lstm_jax.lstm`` computes: same outputs as the public function for one layer."""
+    import jax
+    import jax.numpy as jnp
+
+    import lstm_jax as lj
+    from lstm_jax import _layer
+
+    batch, steps, inputs, hidden = 3, 6, 2, 5
+    params = lj.init_lstm(jax.random.key(0), inputs, hidden, 1)
+    x = jax.random.normal(jax.random.key(1), (batch, steps, inputs))
+    want, _ = lj.lstm(params, x, forget_bias=0.0)
+    p = params[0]
+    zx = jnp.einsum("tbi,ig->tbg", jnp.swapaxes(x, 0, 1), p.w_ih)
+    zeros = jnp.zeros((batch, hidden))
+    _, ys = _layer._recurrence(zx, p.b, p.w_hh, zeros, zeros, None, None, 1, False)
+    np.testing.assert_allclose(np.swapaxes(np.asarray(ys), 0, 1), np.asarray(want), rtol=1e-5, atol=1e-6)

@@ -1,0 +1,234 @@
+#!/usr/bin/env python
+"""Would a persistent LSTM kernel pay? The per-step cost of the recurrence's loop, taken apart.
+
+    python bench/persistent.py                        # tutorial, pixel and large sizes
+    python bench/persistent.py --configs pixel --matmul-dtype bfloat16 --out /tmp/p.json
+    python bench/persistent.py --quick                # tiny sizes: a smoke run
+
+A persistent kernel (cuDNN's persistent RNNs, FlashRNN) keeps ``w_hh`` on chip and runs every
+timestep inside one launch. What it can remove is what the scan spends beyond its matmul:
+the per-step launches and synchronisation of the loop body's kernels, and re-reading
+``w_hh``. This script times, for one layer in the forward direction (inference), T steps of:
+
+* ``empty``: a loop whose body is one elementwise op on ``[B, H]``: the cost of a loop
+  iteration with a single kernel launch, the floor any scan pays per step;
+* ``dot``: ``h <- tanh((h @ w_hh)[:, :H])``, the recurrence's dot and one small fusion;
+* ``lstm_jax``: lstm_jax's own loop (``_layer._recurrence``: the dot, the bias add, the gates
+  and the cell update) over pre-projected inputs, as ``lstm_jax.lstm`` runs it;
+* ``cudnn`` (GPU only): ``jax.experimental.rnn.lstm``, one layer, with input size 1 (its
+  input projection is tiny), for what cuDNN's own kernels do per step;
+
+and ``batched_gemm``: one ``[T*B, H] x [H, 4H]`` GEMM, divided by T: the dot's time per step
+at the rate of a large matmul, which is about the best a kernel doing the recurrence's FLOPs
+on the same units can reach.
+
+Reported per step (µs) and as fractions of ``lstm_jax``'s step: ``empty`` (the launch
+floor), ``dot`` (the dot with its launches), ``batched_gemm`` (the FLOP floor). If lstm_jax's
+step sits several launch floors above the dot's and far above ``batched_gemm``, a persistent
+kernel has room to pay; if it is already near ``dot`` and ``batched_gemm``, it does not.
+All loops run at the batch ``lstm_jax.lstm`` would use (on a CPU it may add a few zero rows;
+see ``lstm_jax/_stack.py``), float32 state, ``--matmul-dtype`` for the matmul operands.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+for p in (str(HERE.parent), str(HERE)):
+    if p not in sys.path:
+        sys.path.insert(0, p)
+
+import numpy as np  # noqa: E402
+
+import run as bench_run  # noqa: E402
+
+# name: (batch, steps, hidden), from bench/run.py's configurations of the same names.
+SIZES = {name: (bench_run.CONFIGS[name][0].batch, bench_run.CONFIGS[name][0].steps, bench_run.CONFIGS[name][0].hidden)
+         for name in ("tutorial", "pixel", "large")}
+QUICK_SIZES = {"tiny": (8, 12, 16), "tiny_h1": (3, 5, 1)}
+LOOPS = ("empty", "dot", "lstm_jax", "cudnn", "batched_gemm")
+
+
+def make_loops(batch: int, steps: int, hidden: int, matmul_dtype, on_gpu: bool, seed: int = 0) -> dict:
+    """Jitted thunks, each running its loop once and blocking until it is done.
+
+    ``batch`` is the batch the loops run at. Returns ``{name: fn() -> None}``; ``cudnn`` only
+    on a GPU.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    from lstm_jax import _layer
+
+    rng = np.random.default_rng(seed)
+    scale = 1.0 / np.sqrt(hidden)
+    w_hh = jnp.asarray(rng.uniform(-scale, scale, (hidden, 4 * hidden)).astype(np.float32))
+    b = jnp.asarray(rng.uniform(-scale, scale, (4 * hidden,)).astype(np.float32))
+    zx = jnp.asarray(rng.standard_normal((steps, batch, 4 * hidden), dtype=np.float32))
+    h0 = jnp.asarray(rng.standard_normal((batch, hidden), dtype=np.float32))
+    flat_h = jnp.asarray(rng.standard_normal((steps * batch, hidden), dtype=np.float32))
+    cast = (lambda a: a) if matmul_dtype is None else (lambda a: a.astype(matmul_dtype))  # noqa: E731
+
+    @jax.jit
+    def empty(h):
+        return jax.lax.fori_loop(0, steps, lambda _, h: h * 0.5 + 1.0, h)
+
+    @jax.jit
+    def dot(h, w):
+        def body(_, h):
+            z = jnp.matmul(cast(h), cast(w), preferred_element_type=jnp.float32)
+            return jnp.tanh(z[:, :hidden])
+
+        return jax.lax.fori_loop(0, steps, body, h)
+
+    @jax.jit
+    def lstm(zx, b, w, h):
+        (h_t, c_t), ys = _layer._recurrence(zx, b, cast(w), h, jnp.zeros_like(h), None, None, 1, False)
+        return ys, h_t, c_t
+
+    @jax.jit
+    def batched_gemm(x, w):
+        return jnp.matmul(cast(x), cast(w), preferred_element_type=jnp.float32)
+
+    loops = {
+        "empty": lambda: jax.block_until_ready(empty(h0)),
+        "dot": lambda: jax.block_until_ready(dot(h0, w_hh)),
+        "lstm_jax": lambda: jax.block_until_ready(lstm(zx, b, w_hh, h0)),
+        "batched_gemm": lambda: jax.block_until_ready(batched_gemm(flat_h, w_hh)),
+    }
+    if on_gpu:
+        cudnn, cudnn_args = cudnn_forward(batch, steps, hidden, seed)
+        loops["cudnn"] = lambda: jax.block_until_ready(cudnn(*cudnn_args))
+    return loops
+
+
+def cudnn_forward(batch: int, steps: int, hidden: int, seed: int = 0):
+    """``(fn, args)``: ``jax.experimental.rnn.lstm`` over ``[B, T, 1]`` inputs, one layer, float32
+    at the highest precision (no TF32, as bench/run.py's default). cuDNN runs only on a GPU;
+    ``jax.eval_shape(fn, *args)`` checks the call anywhere."""
+    import jax
+    import jax.numpy as jnp
+    from jax.experimental import rnn
+
+    rng = np.random.default_rng(seed)
+    weights = rnn.init_lstm_weight(jax.random.key(seed), 1, hidden, 1, False)
+    xs = jnp.asarray(rng.standard_normal((batch, steps, 1), dtype=np.float32))
+    zeros = jnp.zeros((1, batch, hidden), jnp.float32)
+    lengths = jnp.full((batch,), steps, jnp.int32)
+
+    @jax.jit
+    def cudnn(xs, h, c, weights, lengths):
+        y, _, _ = rnn.lstm(xs, h, c, weights, lengths, 1, hidden, 1, 0.0, False, jax.lax.Precision.HIGHEST)
+        return y
+
+    return cudnn, (xs, zeros, zeros, weights, lengths)
+
+
+def measure(name: str, batch: int, steps: int, hidden: int, matmul_dtype, reps: int, rounds: int) -> dict:
+    import jax
+
+    from lstm_jax import _stack
+
+    on_gpu = jax.default_backend() == "gpu"
+    rows = batch + _stack._cpu_batch_pad(batch, hidden, np.float32, matmul_dtype)
+    loops = make_loops(rows, steps, hidden, matmul_dtype, on_gpu)
+    for fn in loops.values():
+        fn()  # compile and warm up
+    errors: dict = {}
+    times = bench_run.interleaved({n: (lambda k, fn=fn: fn()) for n, fn in loops.items()}, reps, rounds, errors)
+    if errors:
+        raise RuntimeError(f"{name}: {errors}")
+    per_step = {n: bench_run.stats(t)["median_s"] / steps for n, t in times.items()}
+    lstm = per_step["lstm_jax"]
+    flops_per_step = 2 * rows * hidden * 4 * hidden
+    return {
+        "config": name, "batch": batch, "batch_run": rows, "steps": steps, "hidden": hidden,
+        "per_step_s": per_step,
+        "stats": {n: bench_run.stats(t) for n, t in times.items()},
+        "fraction_of_lstm_step": {n: s / lstm for n, s in per_step.items()},
+        "dot_gflops": {n: flops_per_step / per_step[n] / 1e9 for n in ("dot", "lstm_jax", "batched_gemm")},
+        "w_hh_bytes": 4 * hidden * hidden * (2 if matmul_dtype is not None else 4),
+    }
+
+
+def markdown(report: dict) -> str:
+    lines = [f"# Persistent-kernel study: {report['device']}", "",
+             f"- date: {report['date']}; command: `{report['command']}`",
+             f"- versions: {', '.join(f'{k} {v}' for k, v in report['versions'].items())}",
+             f"- lstm_jax commit: {report['git']['commit']} (lstm_jax/ dirty: {report['git']['lstm_jax_dirty']})",
+             f"- matmul operands: {report['matmul_dtype'] or 'float32'}; medians of {report['reps']} loops × "
+             f"{report['rounds']} rounds, interleaved", "",
+             "Per step, µs (fraction of lstm_jax's step). `empty`: a loop of one elementwise kernel; "
+             "`dot`: the recurrence's dot + one fusion; `lstm_jax`: the library's loop; `cudnn`: "
+             "`jax.experimental.rnn.lstm` (GPU); `batched_gemm`: one `[T·B, H] x [H, 4H]` GEMM / T.", "",
+             "| config | B (run) | T | H | w_hh KiB | " + " | ".join(LOOPS) + " | lstm_jax dot GFLOP/s |",
+             "|---|---|---|---|---|" + "---|" * len(LOOPS) + "---|"]
+    for r in report["results"]:
+        cells = []
+        for n in LOOPS:
+            s = r["per_step_s"].get(n)
+            cells.append("—" if s is None else f"{s * 1e6:.1f} ({r['fraction_of_lstm_step'][n]:.2f})")
+        lines.append(f"| {r['config']} | {r['batch']} ({r['batch_run']}) | {r['steps']} | {r['hidden']} | "
+                     f"{r['w_hh_bytes'] / 1024:.0f} | " + " | ".join(cells) + f" | {r['dot_gflops']['lstm_jax']:.1f} |")
+    lines += ["", "Reading: what a persistent kernel can remove is at most lstm_jax's step less "
+              "`batched_gemm` (the recurrence's FLOPs at a large GEMM's rate); the launches it removes "
+              "cost about `empty` each, several per step in the scan.", ""]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--configs", help=f"comma-separated, from {list(SIZES)} (default: all)")
+    ap.add_argument("--quick", action="store_true", help=f"tiny sizes {list(QUICK_SIZES)}, few repetitions")
+    ap.add_argument("--matmul-dtype", choices=("float32", "bfloat16"), default="float32",
+                    help="the matmuls' operand dtype (accumulation and state stay float32)")
+    ap.add_argument("--reps", type=int, help="loops timed per round (default 5; --quick 2)")
+    ap.add_argument("--rounds", type=int, help="interleaved rounds (default 4; --quick 1)")
+    ap.add_argument("--out", type=Path, help="write <out>.json and <out>.md")
+    args = ap.parse_args(argv)
+    sizes = QUICK_SIZES if args.quick else SIZES
+    names = list(sizes) if not args.configs else [c.strip() for c in args.configs.split(",") if c.strip()]
+    unknown = [n for n in names if n not in sizes]
+    if unknown or not names:
+        ap.error(f"--configs: expected names from {list(sizes)}, got {args.configs!r}")
+    reps = args.reps if args.reps is not None else (2 if args.quick else 5)
+    rounds = args.rounds if args.rounds is not None else (1 if args.quick else 4)
+    if reps < 1 or rounds < 1:
+        ap.error(f"--reps and --rounds: expected positive ints, got {reps} and {rounds}")
+
+    import jax
+    import jax.numpy as jnp
+
+    jax.config.update("jax_enable_compilation_cache", False)
+    # True float32 matmuls (no TF32 on a GPU), as bench/run.py's default --precision float32.
+    jax.config.update("jax_default_matmul_precision", "highest")
+    matmul_dtype = None if args.matmul_dtype == "float32" else jnp.dtype(args.matmul_dtype)
+    report = {"device": bench_run.device_name(jax.default_backend(), jax.devices()[0]),
+              "platform": jax.default_backend(), "versions": bench_run.versions(), "git": bench_run.git_info(),
+              "date": datetime.datetime.now().isoformat(timespec="seconds"),
+              "command": " ".join(["python", "bench/persistent.py", *(argv if argv is not None else sys.argv[1:])]),
+              "matmul_dtype": None if matmul_dtype is None else str(matmul_dtype),
+              "reps": reps, "rounds": rounds, "results": []}
+    for name in names:
+        batch, steps, hidden = sizes[name]
+        r = measure(name, batch, steps, hidden, matmul_dtype, reps, rounds)
+        report["results"].append(r)
+        print(f"[{name}] B={r['batch_run']} T={steps} H={hidden}: "
+              + ", ".join(f"{n} {s * 1e6:.1f} us" for n, s in r["per_step_s"].items()), flush=True)
+    md = markdown(report)
+    print("\n" + md)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.with_suffix(".json").write_text(json.dumps(report, indent=1))
+        args.out.with_suffix(".md").write_text(md)
+        print(f"wrote {args.out.with_suffix('.json')} and .md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
