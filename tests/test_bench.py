@@ -314,14 +314,16 @@ def test_gemm_threads_probe_runs(tmp_path):
 PERSISTENT = ROOT / "bench" / "persistent.py"
 
 
-def test_persistent_study_quick_run(tmp_path):
+@pytest.mark.parametrize("matmul_dtype", ["float32", "bfloat16"])
+def test_persistent_study_quick_run(tmp_path, matmul_dtype):
     """bench/persistent.py --quick: every loop ran at every size, and the fractions are the
     ratios of the reported per-step times (no timing value is asserted)."""
     out = tmp_path / "persistent"
-    cmd = [sys.executable, str(PERSISTENT), "--quick", "--out", str(out)]
+    cmd = [sys.executable, str(PERSISTENT), "--quick", "--matmul-dtype", matmul_dtype, "--out", str(out)]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"{cmd} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     report = json.loads(out.with_suffix(".json").read_text())
+    assert report["matmul_dtype"] == (None if matmul_dtype == "float32" else matmul_dtype)
     assert [r["config"] for r in report["results"]] == ["tiny", "tiny_h1"]
     on_gpu = report["platform"] == "gpu"
     for r in report["results"]:
