@@ -17,6 +17,10 @@ the per-step launches and synchronisation of the loop body's kernels, and re-rea
   and the cell update) over pre-projected inputs, as ``lstm_jax.lstm`` runs it;
 * ``cudnn`` (GPU only): ``jax.experimental.rnn.lstm``, one layer, with input size 1 (its
   input projection is tiny), for what cuDNN's own kernels do per step;
+* ``pallas`` / ``pallas_hold`` (GPU only): the persistent-style candidate of
+  ``bench/pallas_lstm.py``, the whole loop in one Triton kernel, ``w_hh`` re-read from L2 at
+  every step / loaded once and held on chip. A loop that fails to compile (holding a large
+  ``w_hh`` may) is recorded with its error instead of a time;
 
 and ``batched_gemm``: one ``[T*B, H] x [H, 4H]`` GEMM, divided by T: the dot's time per step
 at the rate of a large matmul, which is about the best a kernel doing the recurrence's FLOPs
@@ -34,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import sys
 from pathlib import Path
@@ -45,20 +50,23 @@ for p in (str(HERE.parent), str(HERE)):
 
 import numpy as np  # noqa: E402
 
+import pallas_lstm  # noqa: E402
 import run as bench_run  # noqa: E402
 
 # name: (batch, steps, hidden), from bench/run.py's configurations of the same names.
 SIZES = {name: (bench_run.CONFIGS[name][0].batch, bench_run.CONFIGS[name][0].steps, bench_run.CONFIGS[name][0].hidden)
          for name in ("tutorial", "pixel", "large")}
 QUICK_SIZES = {"tiny": (8, 12, 16), "tiny_h1": (3, 5, 1)}
-LOOPS = ("empty", "dot", "lstm_jax", "cudnn", "batched_gemm")
+LOOPS = ("empty", "dot", "lstm_jax", "cudnn", "pallas", "pallas_hold", "batched_gemm")
 
 
-def make_loops(batch: int, steps: int, hidden: int, matmul_dtype, on_gpu: bool, seed: int = 0) -> dict:
+def make_loops(batch: int, steps: int, hidden: int, matmul_dtype, on_gpu: bool, seed: int = 0,
+               batch_tile: int = 16, pallas_interpret: bool = False) -> dict:
     """Jitted thunks, each running its loop once and blocking until it is done.
 
-    ``batch`` is the batch the loops run at. Returns ``{name: fn() -> None}``; ``cudnn`` only
-    on a GPU.
+    ``batch`` is the batch the loops run at. Returns ``{name: fn() -> None}``; ``cudnn``,
+    ``pallas`` and ``pallas_hold`` only when ``on_gpu`` (``pallas_interpret``: run those two
+    in Pallas's interpreter, for testing this plumbing on a CPU).
     """
     import jax
     import jax.numpy as jnp
@@ -106,6 +114,10 @@ def make_loops(batch: int, steps: int, hidden: int, matmul_dtype, on_gpu: bool, 
     if on_gpu:
         cudnn, cudnn_args = cudnn_forward(batch, steps, hidden, seed)
         loops["cudnn"] = lambda: jax.block_until_ready(cudnn(*cudnn_args))
+        for name, hold in (("pallas", False), ("pallas_hold", True)):
+            fn = jax.jit(functools.partial(pallas_lstm.lstm_forward, batch_tile=batch_tile, hold_weights=hold,
+                                           matmul_dtype=matmul_dtype, interpret=pallas_interpret))
+            loops[name] = lambda fn=fn: jax.block_until_ready(fn(zx, b, w_hh, h0, jnp.zeros_like(h0)))
     return loops
 
 
@@ -131,20 +143,27 @@ def cudnn_forward(batch: int, steps: int, hidden: int, seed: int = 0):
     return cudnn, (xs, zeros, zeros, weights, lengths)
 
 
-def measure(name: str, batch: int, steps: int, hidden: int, matmul_dtype, reps: int, rounds: int) -> dict:
+def measure(name: str, batch: int, steps: int, hidden: int, matmul_dtype, reps: int, rounds: int,
+            batch_tile: int = 16) -> dict:
     import jax
 
     from lstm_jax import _stack
 
     on_gpu = jax.default_backend() == "gpu"
     rows = batch + _stack._cpu_batch_pad(batch, hidden, np.float32, matmul_dtype)
-    loops = make_loops(rows, steps, hidden, matmul_dtype, on_gpu)
-    for fn in loops.values():
-        fn()  # compile and warm up
+    loops = make_loops(rows, steps, hidden, matmul_dtype, on_gpu, batch_tile=batch_tile)
     errors: dict = {}
+    for loop_name, fn in list(loops.items()):
+        try:
+            fn()  # compile and warm up
+        except Exception as e:  # noqa: BLE001 - a candidate that does not compile is a result
+            if loop_name in ("empty", "dot", "lstm_jax", "batched_gemm"):
+                raise
+            errors[loop_name] = f"{type(e).__name__}: {str(e)[:300]}"
+            del loops[loop_name]
     times = bench_run.interleaved({n: (lambda k, fn=fn: fn()) for n, fn in loops.items()}, reps, rounds, errors)
-    if errors:
-        raise RuntimeError(f"{name}: {errors}")
+    for loop_name in errors:
+        times.pop(loop_name, None)
     per_step = {n: bench_run.stats(t)["median_s"] / steps for n, t in times.items()}
     lstm = per_step["lstm_jax"]
     flops_per_step = 2 * rows * hidden * 4 * hidden
@@ -153,8 +172,9 @@ def measure(name: str, batch: int, steps: int, hidden: int, matmul_dtype, reps: 
         "per_step_s": per_step,
         "stats": {n: bench_run.stats(t) for n, t in times.items()},
         "fraction_of_lstm_step": {n: s / lstm for n, s in per_step.items()},
-        "dot_gflops": {n: flops_per_step / per_step[n] / 1e9 for n in ("dot", "lstm_jax", "batched_gemm")},
+        "dot_gflops": {n: flops_per_step / s / 1e9 for n, s in per_step.items() if n != "empty"},
         "w_hh_bytes": 4 * hidden * hidden * (2 if matmul_dtype is not None else 4),
+        "errors": errors,
     }
 
 
@@ -167,7 +187,9 @@ def markdown(report: dict) -> str:
              f"{report['rounds']} rounds, interleaved", "",
              "Per step, µs (fraction of lstm_jax's step). `empty`: a loop of one elementwise kernel; "
              "`dot`: the recurrence's dot + one fusion; `lstm_jax`: the library's loop; `cudnn`: "
-             "`jax.experimental.rnn.lstm` (GPU); `batched_gemm`: one `[T·B, H] x [H, 4H]` GEMM / T.", "",
+             "`jax.experimental.rnn.lstm` (GPU); `pallas` / `pallas_hold`: `bench/pallas_lstm.py`, one Triton "
+             "kernel for all steps, `w_hh` re-read / held on chip (GPU); `batched_gemm`: one `[T·B, H] x [H, 4H]` "
+             "GEMM / T.", "",
              "| config | B (run) | T | H | w_hh KiB | " + " | ".join(LOOPS) + " | lstm_jax dot GFLOP/s |",
              "|---|---|---|---|---|" + "---|" * len(LOOPS) + "---|"]
     for r in report["results"]:
@@ -177,6 +199,9 @@ def markdown(report: dict) -> str:
             cells.append("—" if s is None else f"{s * 1e6:.1f} ({r['fraction_of_lstm_step'][n]:.2f})")
         lines.append(f"| {r['config']} | {r['batch']} ({r['batch_run']}) | {r['steps']} | {r['hidden']} | "
                      f"{r['w_hh_bytes'] / 1024:.0f} | " + " | ".join(cells) + f" | {r['dot_gflops']['lstm_jax']:.1f} |")
+    failed = [(r["config"], n, e) for r in report["results"] for n, e in r.get("errors", {}).items()]
+    if failed:
+        lines += [""] + [f"- {c}: `{n}` failed: {e}" for c, n, e in failed]
     lines += ["", "Reading: what a persistent kernel can remove is at most lstm_jax's step less "
               "`batched_gemm` (the recurrence's FLOPs at a large GEMM's rate); the launches it removes "
               "cost about `empty` each, several per step in the scan.", ""]
@@ -189,6 +214,8 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help=f"tiny sizes {list(QUICK_SIZES)}, few repetitions")
     ap.add_argument("--matmul-dtype", choices=("float32", "bfloat16"), default="float32",
                     help="the matmuls' operand dtype (accumulation and state stay float32)")
+    ap.add_argument("--batch-tile", type=int, default=16,
+                    help="batch rows per program of the Pallas kernels (a power of two >= 16; default 16)")
     ap.add_argument("--reps", type=int, help="loops timed per round (default 5; --quick 2)")
     ap.add_argument("--rounds", type=int, help="interleaved rounds (default 4; --quick 1)")
     ap.add_argument("--out", type=Path, help="write <out>.json and <out>.md")
@@ -202,6 +229,10 @@ def main(argv=None) -> int:
     rounds = args.rounds if args.rounds is not None else (1 if args.quick else 4)
     if reps < 1 or rounds < 1:
         ap.error(f"--reps and --rounds: expected positive ints, got {reps} and {rounds}")
+    try:
+        pallas_lstm.check_sizes(16, args.batch_tile)
+    except ValueError as e:
+        ap.error(f"--batch-tile: {e}")
 
     import jax
     import jax.numpy as jnp
@@ -215,10 +246,10 @@ def main(argv=None) -> int:
               "date": datetime.datetime.now().isoformat(timespec="seconds"),
               "command": " ".join(["python", "bench/persistent.py", *(argv if argv is not None else sys.argv[1:])]),
               "matmul_dtype": None if matmul_dtype is None else str(matmul_dtype),
-              "reps": reps, "rounds": rounds, "results": []}
+              "reps": reps, "rounds": rounds, "batch_tile": args.batch_tile, "results": []}
     for name in names:
         batch, steps, hidden = sizes[name]
-        r = measure(name, batch, steps, hidden, matmul_dtype, reps, rounds)
+        r = measure(name, batch, steps, hidden, matmul_dtype, reps, rounds, args.batch_tile)
         report["results"].append(r)
         print(f"[{name}] B={r['batch_run']} T={steps} H={hidden}: "
               + ", ".join(f"{n} {s * 1e6:.1f} us" for n, s in r["per_step_s"].items()), flush=True)
