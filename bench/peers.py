@@ -167,8 +167,12 @@ class CompileTimer:
 
         jax.monitoring.unregister_event_duration_listener(self._listen)
 
-    def result(self) -> dict:
-        """``{"total_s", "trace_s", "lower_s", "xla_s", "xla_compilations"}``."""
+    def result(self) -> Optional[dict]:
+        """``{"total_s", "trace_s", "lower_s", "xla_s", "xla_compilations"}``, or None when JAX
+        reported no XLA compilation (another JAX version naming its events differently): no
+        figure rather than a wrong one."""
+        if not self.xla_compilations:
+            return None
         return {"total_s": sum(self.parts.values()), **self.parts, "xla_compilations": self.xla_compilations}
 
 

@@ -346,6 +346,7 @@ def test_persistent_study_quick_run(tmp_path, matmul_dtype):
 def _load_bench_module(name):
     spec = importlib.util.spec_from_file_location(f"bench_{name}_for_test", ROOT / "bench" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
     sys.path.insert(0, str(ROOT / "bench"))  # the bench scripts import each other by name
     try:
         spec.loader.exec_module(module)
@@ -475,3 +476,28 @@ def test_pallas_lstm_rejects_sizes_triton_cannot_run(hidden, batch_tile, match):
     with pytest.raises(ValueError, match=match):
         pallas_lstm.lstm_forward(jnp.zeros((2, 16, 4 * hidden)), jnp.zeros(4 * hidden), jnp.zeros((hidden, 4 * hidden)),
                                  jnp.zeros((16, hidden)), jnp.zeros((16, hidden)), batch_tile=batch_tile)
+
+
+def test_compile_timer_counts_one_compilation_and_nothing_when_cached():
+    """peers.CompileTimer sees JAX's own compile events: a new function compiles once, with
+    every part's duration inside the wall time around it; a cached call reports no figure."""
+    import time
+
+    import jax
+    import jax.numpy as jnp
+
+    peers = _load_bench_module("peers")
+    fn = jax.jit(lambda x: jnp.tanh(x @ x.T).sum())
+    x = jnp.ones((8, 8))
+    t0 = time.perf_counter()
+    with peers.CompileTimer() as timer:
+        jax.block_until_ready(fn(x))
+    wall = time.perf_counter() - t0
+    first = timer.result()
+    assert first["xla_compilations"] == 1
+    assert all(_positive_finite(first[k]) for k in ("trace_s", "lower_s", "xla_s"))
+    assert first["total_s"] <= wall
+    y = jax.block_until_ready(x + 1)  # an eager op compiles too: not inside the timer
+    with peers.CompileTimer() as timer:
+        jax.block_until_ready(fn(y))
+    assert timer.result() is None
