@@ -19,7 +19,8 @@ the per-step launches and synchronisation of the loop body's kernels, and re-rea
   input projection is tiny), for what cuDNN's own kernels do per step;
 * ``pallas`` / ``pallas_hold`` (GPU only): the persistent-style candidate of
   ``bench/pallas_lstm.py``, the whole loop in one Triton kernel, ``w_hh`` re-read from L2 at
-  every step / loaded once and held on chip. A loop that fails to compile (holding a large
+  every step / loaded once and held on chip (its time includes the wrapper's one pass over
+  ``zx`` into the kernel's gate-major layout). A loop that fails to compile (holding a large
   ``w_hh`` may) is recorded with its error instead of a time;
 
 and ``batched_gemm``: one ``[T*B, H] x [H, 4H]`` GEMM, divided by T: the dot's time per step
@@ -123,8 +124,9 @@ def make_loops(batch: int, steps: int, hidden: int, matmul_dtype, on_gpu: bool, 
 
 def cudnn_forward(batch: int, steps: int, hidden: int, seed: int = 0):
     """``(fn, args)``: ``jax.experimental.rnn.lstm`` over ``[B, T, 1]`` inputs, one layer, float32
-    at the highest precision (no TF32, as bench/run.py's default). cuDNN runs only on a GPU;
-    ``jax.eval_shape(fn, *args)`` checks the call anywhere."""
+    at the highest precision (no TF32, as bench/run.py's default). cuDNN runs only on a GPU
+    (even its shape inference needs jaxlib's CUDA plugin); the tests run this call through
+    ``rnn.lstm_ref`` instead."""
     import jax
     import jax.numpy as jnp
     from jax.experimental import rnn
