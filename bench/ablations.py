@@ -52,12 +52,6 @@ from lstm_jax import _layer, _stack  # noqa: E402
 from lstm_jax._cell import gate_activations  # noqa: E402
 
 
-def _param_and_input_grads(xs, w_ih, h_prev, dz, rmask):
-    """``dW_ih, dW_hh, db, dxs`` from the pre-activation cotangents ``dz [T, B, 4H]``, as the library's backward."""
-    d_w_ih, d_w_hh, d_b = _layer._weight_grads(xs, h_prev, dz, rmask, None)
-    return d_w_ih, d_w_hh, d_b, jnp.einsum("tbg,ig->tbi", dz, w_ih).astype(xs.dtype)
-
-
 @functools.lru_cache(maxsize=None)
 def _recompute_fn(unroll):
     """``layer_fused`` without saved activations (float32 matmuls, no remat)."""
@@ -78,7 +72,7 @@ def _recompute_fn(unroll):
         d_rmask = None if rmask is None else jnp.zeros_like(rmask)
         (dh0, dc0, d_rmask), dz, h_prev = _layer._backward_steps(
             w_hh.T, d_ys, acts, hs, cs, h0, c0, valid, rmask, (d_h_t, d_c_t, d_rmask), unroll)
-        return (*_param_and_input_grads(xs, w_ih, h_prev, dz, rmask), dh0, dc0, None, d_rmask)
+        return (*_layer._param_and_input_grads(xs, w_ih, h_prev, dz, rmask, None), dh0, dc0, None, d_rmask)
 
     fused.defvjp(fwd, bwd)
     return fused
@@ -139,7 +133,7 @@ def _coef_fn(unroll):
         d_ys, d_h_t, d_c_t = cotangents
         (dh0, dc0), dz = _backward_steps_coef(w_hh.T, d_ys, coef, (d_h_t, d_c_t), unroll)
         h_prev = jnp.concatenate([h0[None], ys], axis=0)[:-1]
-        return (*_param_and_input_grads(xs, w_ih, h_prev, dz, None), dh0, dc0, None, None)
+        return (*_layer._param_and_input_grads(xs, w_ih, h_prev, dz, None, None), dh0, dc0, None, None)
 
     fused.defvjp(fwd, bwd)
     return fused

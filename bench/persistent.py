@@ -51,7 +51,9 @@ for p in (str(HERE.parent), str(HERE)):
 
 import numpy as np  # noqa: E402
 
+import gemm_threads  # noqa: E402
 import pallas_lstm  # noqa: E402
+import peers  # noqa: E402
 import run as bench_run  # noqa: E402
 
 # name: (batch, steps, hidden), from bench/run.py's configurations of the same names.
@@ -87,15 +89,7 @@ def make_loops(batch: int, steps: int, hidden: int, matmul_dtype, on_gpu: bool, 
     def empty(h):
         return jax.lax.fori_loop(0, steps, lambda _, h: h * 0.5 + 1.0, h)
 
-    @jax.jit
-    def dot(h, w):
-        w = cast(w)  # once, outside the loop, as the library does
-
-        def body(_, h):
-            z = jnp.matmul(cast(h), w, preferred_element_type=jnp.float32)
-            return jnp.tanh(z[:, :hidden])
-
-        return jax.lax.fori_loop(0, steps, body, h)
+    dot = gemm_threads.jax_dot_chain(steps, hidden, matmul_dtype)
 
     @jax.jit
     def lstm(zx, b, w, h):
@@ -136,12 +130,8 @@ def cudnn_forward(batch: int, steps: int, hidden: int, seed: int = 0):
     xs = jnp.asarray(rng.standard_normal((batch, steps, 1), dtype=np.float32))
     zeros = jnp.zeros((1, batch, hidden), jnp.float32)
     lengths = jnp.full((batch,), steps, jnp.int32)
-
-    @jax.jit
-    def cudnn(xs, h, c, weights, lengths):
-        y, _, _ = rnn.lstm(xs, h, c, weights, lengths, 1, hidden, 1, 0.0, False, jax.lax.Precision.HIGHEST)
-        return y
-
+    shape = peers.Shape(batch, steps, 1, hidden, 1)
+    cudnn = jax.jit(lambda *args: peers._cudnn_lstm(*args, shape, jax.lax.Precision.HIGHEST))  # bench/run.py's call
     return cudnn, (xs, zeros, zeros, weights, lengths)
 
 
@@ -166,13 +156,14 @@ def measure(name: str, batch: int, steps: int, hidden: int, matmul_dtype, reps: 
     times = bench_run.interleaved({n: (lambda k, fn=fn: fn()) for n, fn in loops.items()}, reps, rounds, errors)
     for loop_name in errors:
         times.pop(loop_name, None)
-    per_step = {n: bench_run.stats(t)["median_s"] / steps for n, t in times.items()}
+    stats = {n: bench_run.stats(t) for n, t in times.items()}
+    per_step = {n: st["median_s"] / steps for n, st in stats.items()}
     lstm = per_step["lstm_jax"]
     flops_per_step = 2 * rows * hidden * 4 * hidden
     return {
         "config": name, "batch": batch, "batch_run": rows, "steps": steps, "hidden": hidden,
         "per_step_s": per_step,
-        "stats": {n: bench_run.stats(t) for n, t in times.items()},
+        "stats": stats,
         "fraction_of_lstm_step": {n: s / lstm for n, s in per_step.items()},
         "dot_gflops": {n: flops_per_step / s / 1e9 for n, s in per_step.items() if n != "empty"},
         "w_hh_bytes": 4 * hidden * hidden * (2 if matmul_dtype is not None else 4),

@@ -157,8 +157,9 @@ def _backward_steps(w_hh_t, d_ys, acts, hs, cs, h0, c0, valid, rmask, carry, unr
     return carry, dz, h_prev
 
 
-def _weight_grads(xs, h_prev, dz, rmask, matmul_dtype):
-    """``dW_ih, dW_hh, db`` of one block: each a single matmul over all its timesteps."""
+def _param_and_input_grads(xs, w_ih, h_prev, dz, rmask, matmul_dtype):
+    """``dW_ih, dW_hh, db, d_xs`` of one block from ``dz [T, B, 4H]``: each a single matmul
+    over all its timesteps."""
     h_in_prev = h_prev if rmask is None else h_prev * rmask
     # Flattened to [T*B, .]: a plain transposed-LHS GEMM, measurably faster on XLA:CPU than
     # contracting the two axes (t, b) in one einsum.
@@ -166,7 +167,8 @@ def _weight_grads(xs, h_prev, dz, rmask, matmul_dtype):
     dz_flat = flat(dz)
     d_w_ih = _einsum("ni,ng->ig", flat(xs), dz_flat, matmul_dtype, dz.dtype)
     d_w_hh = _einsum("nh,ng->hg", flat(h_in_prev), dz_flat, matmul_dtype, dz.dtype)
-    return d_w_ih, d_w_hh, jnp.sum(dz_flat, axis=0)
+    d_xs = _einsum("tbg,ig->tbi", dz, w_ih, matmul_dtype, dz.dtype).astype(xs.dtype)
+    return d_w_ih, d_w_hh, jnp.sum(dz_flat, axis=0), d_xs
 
 
 def _pad_time(x, pad, value=0):
@@ -233,8 +235,7 @@ def _fused_fn(unroll, matmul_dtype):
         d_rmask = None if rmask is None else jnp.zeros_like(rmask)
         (dh0, dc0, d_rmask), dz, h_prev = _backward_steps(
             _cast(w_hh.T, matmul_dtype), d_ys, acts, hs, cs, h0, c0, valid, rmask, (d_h_t, d_c_t, d_rmask), unroll)
-        d_w_ih, d_w_hh, d_b = _weight_grads(xs, h_prev, dz, rmask, matmul_dtype)
-        d_xs = _einsum("tbg,ig->tbi", dz, w_ih, matmul_dtype, dz.dtype).astype(xs.dtype)
+        d_w_ih, d_w_hh, d_b, d_xs = _param_and_input_grads(xs, w_ih, h_prev, dz, rmask, matmul_dtype)
         return d_w_ih, d_w_hh, d_b, d_xs, dh0, dc0, None, d_rmask
 
     fused.defvjp(fwd, bwd)
@@ -273,8 +274,7 @@ def _fused_remat_fn(unroll, chunk, matmul_dtype):
             _, (_, acts, hs, cs) = _forward_steps(x_k, w_ih, b, w_hh_c, h_k, c_k, v_k, rmask, unroll, True, matmul_dtype)
             state_carry, dz, h_prev = _backward_steps(
                 w_hh_t, dy_k, acts, hs, cs, h_k, c_k, v_k, rmask, state_carry, unroll)
-            d_w_ih, d_w_hh, d_b = _weight_grads(x_k, h_prev, dz, rmask, matmul_dtype)
-            d_x = _einsum("tbg,ig->tbi", dz, w_ih, matmul_dtype, dz.dtype).astype(x_k.dtype)
+            d_w_ih, d_w_hh, d_b, d_x = _param_and_input_grads(x_k, w_ih, h_prev, dz, rmask, matmul_dtype)
             return (state_carry, (g_ih + d_w_ih, g_hh + d_w_hh, g_b + d_b)), d_x
 
         d_rmask = None if rmask is None else jnp.zeros_like(rmask)

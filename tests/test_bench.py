@@ -170,12 +170,15 @@ def test_peak_gemm_and_targets_are_reported(quick_run):
     assert "## The issue's targets" in json_path.with_suffix(".md").read_text()
 
 
-def _load_run_module():
-    import importlib.util as iu
-
-    spec = iu.spec_from_file_location("bench_run_for_test", RUN)
-    module = iu.module_from_spec(spec)
-    spec.loader.exec_module(module)
+def _load_bench_module(name):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}_for_test", ROOT / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    sys.path.insert(0, str(ROOT / "bench"))  # the bench scripts import each other by name
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
     return module
 
 
@@ -190,7 +193,7 @@ def _config(train_flops, medians, ratios, layers=3, steps=28, first=None, compil
 
 
 def test_targets_bounds_follow_from_the_peak_rate():
-    run = _load_run_module()
+    run = _load_bench_module("run")
     # 60 GFLOP at a peak of 60 GFLOP/s: 1 s of pure matmul, whatever the implementation.
     tut = _config(60e9, {"lstm_jax_fused": 1.5, "torch": 2.0, "flax": 3.0},
                   {"lstm_jax_fused/torch": 0.75, "lstm_jax_fused/flax": 0.5}, first=2.5)
@@ -252,7 +255,7 @@ def test_bf16_subject_builds_and_tracks_float32():
     for impl in (f32, bf16):
         assert _positive_finite(impl.setup_train())
         impl.train_step(1)
-    run = _load_run_module()
+    run = _load_bench_module("run")
     # Close (bfloat16 keeps 8 significant bits) but not identical: the operands really were rounded.
     assert 0 < abs(bf16.first_loss - f32.first_loss) <= run.BF16_LOSS_TOL
 
@@ -341,18 +344,6 @@ def test_persistent_study_quick_run(tmp_path, matmul_dtype):
         assert r["batch_run"] >= r["batch"]
     md = out.with_suffix(".md").read_text()
     assert "| tiny |" in md and "| tiny_h1 |" in md
-
-
-def _load_bench_module(name):
-    spec = importlib.util.spec_from_file_location(f"bench_{name}_for_test", ROOT / "bench" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    sys.path.insert(0, str(ROOT / "bench"))  # the bench scripts import each other by name
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(ROOT / "bench"))
-    return module
 
 
 def _lstm_via_ref(rnn):
