@@ -14,7 +14,8 @@ learning rate 1e-3 -- and exposes:
 * ``memory()``: what the platform reports about the implementation's memory (see
   :func:`Impl.memory`).
 
-``JaxImpl`` serves lstm_jax (fused and scan), Flax and ``jax.experimental.rnn`` (cuDNN);
+``JaxImpl`` serves lstm_jax (fused and scan; the Pallas candidate of ``pallas_lstm.py``), Flax
+and ``jax.experimental.rnn`` (cuDNN);
 ``TorchImpl`` serves ``torch.nn.LSTM``. ``measure_gemm_jax`` / ``measure_gemm_torch`` time
 the matmul floor: the LSTM's per-step GEMMs, one after the other.
 """
@@ -293,6 +294,40 @@ def make_lstm_jax(shape: Shape, data: Data, weights, impl: str, unroll: Optional
         return _xent(logits_fn(p, x), y)
 
     return JaxImpl(name or f"lstm_jax_{impl}", data, params, loss_fn, logits_fn)
+
+
+def pallas_warps(hidden: int) -> int:
+    """Triton warps per program for the Pallas layer: 4 up to H=128, 8 above (the gates of a
+    16-row tile are ``4 x [16, H]`` floats in registers). A first guess for the GPU run to
+    check with ``bench/persistent.py --num-warps``."""
+    return 4 if hidden <= 128 else 8
+
+
+def make_lstm_jax_pallas(shape: Shape, data: Data, weights, matmul_dtype=None, hold_weights: bool = False,
+                         batch_tile: int = 16, interpret: bool = False, name: str = "lstm_jax_pallas") -> JaxImpl:
+    """The same model with every layer run by ``bench/pallas_lstm.py``'s kernels (forward and
+    backward each one Pallas/Triton launch per layer): the persistent-kernel candidate.
+    ``interpret=True`` runs them in Pallas's interpreter (any backend; for tests)."""
+    import jax.numpy as jnp
+
+    import pallas_lstm
+
+    lstm_params, head_w, head_b = weights
+    params = {"lstm": lstm_params, "head": (head_w, head_b)}
+    options = {"batch_tile": batch_tile, "hold_weights": hold_weights, "matmul_dtype": matmul_dtype,
+               "num_warps": pallas_warps(shape.hidden), "interpret": interpret}
+
+    def logits_fn(p, x):
+        xs = jnp.swapaxes(x, 0, 1)  # time-major, as lstm_jax.lstm runs its layers
+        zeros = jnp.zeros((x.shape[0], shape.hidden), xs.dtype)
+        for layer in p["lstm"]:
+            xs, _, _ = pallas_lstm.lstm_layer(layer.w_ih, layer.w_hh, layer.b, xs, zeros, zeros, **options)
+        return _head(p["head"], xs[-1])
+
+    def loss_fn(p, x, y):
+        return _xent(logits_fn(p, x), y)
+
+    return JaxImpl(name, data, params, loss_fn, logits_fn)
 
 
 def make_flax(shape: Shape, data: Data, seed: int) -> JaxImpl:

@@ -10,6 +10,8 @@ For every configuration, with the same shapes, float32, the same random data and
 (logits) of an LSTM stack + linear classifier on the last step, for
 
 * lstm_jax, ``impl="fused"`` (hand-written VJP) and ``impl="scan"`` (autodiff reference);
+  on a GPU also with bfloat16 matmul operands, and the same model run by the persistent-style
+  Pallas kernels of ``bench/pallas_lstm.py`` (``lstm_jax_pallas``, a candidate for the library);
 * ``torch.nn.LSTM`` + ``nn.Linear`` + ``torch.optim.Adam`` (cuDNN on a GPU);
 * Flax ``nn.RNN(nn.OptimizedLSTMCell(H))`` + optax Adam, jitted;
 * ``jax.experimental.rnn.lstm`` (cuDNN; GPU only, recorded as skipped on CPU);
@@ -78,7 +80,9 @@ SWEEPS = {
 }
 # lstm_jax_bf16: the fused layer with bfloat16 matmul operands (float32 accumulation, gate math
 # and cell state), timed where there are bfloat16 matrix units (GPU/TPU); skipped on CPU.
-SUBJECTS = ("lstm_jax_fused", "lstm_jax_scan", "lstm_jax_bf16")
+# lstm_jax_pallas: the model with bench/pallas_lstm.py's kernels (one Triton launch per layer
+# and direction), the persistent-kernel candidate; GPU only.
+SUBJECTS = ("lstm_jax_fused", "lstm_jax_scan", "lstm_jax_bf16", "lstm_jax_pallas")
 BF16_LOSS_TOL = 5e-2
 PEERS = ("torch", "flax", "jax_cudnn")
 IMPLS = SUBJECTS + PEERS
@@ -246,6 +250,10 @@ class Env:
 
                 return peers.make_lstm_jax(shape, data, weights, "fused", self.unroll, matmul_dtype=jnp.bfloat16,
                                            name=name)
+            if name == "lstm_jax_pallas":
+                if not self.on_gpu:
+                    return {"status": "skipped", "reason": "GPU only (Pallas/Triton kernels)"}
+                return peers.make_lstm_jax_pallas(shape, data, weights)
             if name.startswith("lstm_jax_"):
                 return peers.make_lstm_jax(shape, data, weights, name.removeprefix("lstm_jax_"), self.unroll)
             if name == "torch":
@@ -339,7 +347,8 @@ def run_config(env: Env, name: str, shape: Shape, steps: int, args) -> dict:
 
     # First losses: lstm_jax (both impls) and torch start from the same weights and data.
     ref = entries.get("lstm_jax_fused", {}).get("first_loss")
-    same = {n: entries[n].get("first_loss") for n in ("lstm_jax_scan", "torch") if entries.get(n, {}).get("first_loss") is not None}
+    same = {n: entries[n].get("first_loss") for n in ("lstm_jax_scan", "lstm_jax_pallas", "torch")
+            if entries.get(n, {}).get("first_loss") is not None}
     loss_check = None
     if ref is not None and same:
         diff = max(abs(v - ref) for v in same.values())
@@ -376,7 +385,7 @@ def ratios(entries: dict) -> dict:
             for p in PEERS:
                 if s in med and p in med:
                     r[f"{s}/{p}"] = med[s] / med[p]
-        for other in ("lstm_jax_scan", "lstm_jax_bf16"):
+        for other in ("lstm_jax_scan", "lstm_jax_bf16", "lstm_jax_pallas"):
             if other in med and "lstm_jax_fused" in med:
                 r[f"{other}/lstm_jax_fused"] = med[other] / med["lstm_jax_fused"]
         out[phase] = r
@@ -566,6 +575,15 @@ def targets(report: dict) -> list[dict]:
         if fused_s and flax_s:
             flax_over = flax_s / fused_s
         ratio_row("tutorial training step, Flax / fused (speed-up)", 5.0, flax_over, tut_flops, flax_s, want_below=False)
+        # What adopting the Pallas candidate (bench/pallas_lstm.py) would give, same goals.
+        pallas_ratio = lambda peer: (tut or {}).get("ratios", {}).get("train", {}).get(f"lstm_jax_pallas/{peer}")  # noqa: E731
+        ratio_row("candidate: tutorial training step, Pallas / torch (cuDNN)", 1.0, pallas_ratio("torch"), tut_flops,
+                  _median(tut, "torch", "train"))
+        ratio_row("candidate: tutorial training step, Pallas / jax.experimental.rnn (cuDNN)", 1.0,
+                  pallas_ratio("jax_cudnn"), tut_flops, _median(tut, "jax_cudnn", "train"))
+        pallas_s = _median(tut, "lstm_jax_pallas", "train")
+        ratio_row("candidate: tutorial training step, Flax / Pallas (speed-up)", 5.0,
+                  flax_s / pallas_s if pallas_s and flax_s else None, tut_flops, flax_s, want_below=False)
     return rows
 
 
@@ -632,17 +650,18 @@ def markdown(report: dict) -> str:
         "",
         "## Ratios (lstm_jax median / peer median; < 1 means lstm_jax is faster)",
         "",
-        "| config | train fused/torch | fused/flax | fused/cuDNN | scan/fused | bf16/fused | infer fused/torch | fused/flax | fused/cuDNN |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| config | train fused/torch | fused/flax | fused/cuDNN | scan/fused | bf16/fused | pallas/fused "
+        "| infer fused/torch | fused/flax | fused/cuDNN | pallas/fused |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, c in report["configs"].items():
         t, i = c["ratios"]["train"], c["ratios"]["infer"]
         lines.append(
             f"| {name} | {_ratio(t.get('lstm_jax_fused/torch'))} | {_ratio(t.get('lstm_jax_fused/flax'))} | "
             f"{_ratio(t.get('lstm_jax_fused/jax_cudnn'))} | {_ratio(t.get('lstm_jax_scan/lstm_jax_fused'))} | "
-            f"{_ratio(t.get('lstm_jax_bf16/lstm_jax_fused'))} | "
+            f"{_ratio(t.get('lstm_jax_bf16/lstm_jax_fused'))} | {_ratio(t.get('lstm_jax_pallas/lstm_jax_fused'))} | "
             f"{_ratio(i.get('lstm_jax_fused/torch'))} | {_ratio(i.get('lstm_jax_fused/flax'))} | "
-            f"{_ratio(i.get('lstm_jax_fused/jax_cudnn'))} |")
+            f"{_ratio(i.get('lstm_jax_fused/jax_cudnn'))} | {_ratio(i.get('lstm_jax_pallas/lstm_jax_fused'))} |")
     lines.append("")
     for name, c in report["configs"].items():
         s = c["shape"]

@@ -89,10 +89,11 @@ def test_every_peer_ran_in_every_quick_config(quick_run):
         assert all(_positive_finite(c["floor"][k]) for k in ("gflops", "forward_s", "train_s"))
 
 
-def test_cudnn_peer_is_skipped_on_cpu_and_runs_on_gpu(quick_run):
+@pytest.mark.parametrize("impl", ["jax_cudnn", "lstm_jax_pallas"])
+def test_gpu_only_impls_are_skipped_on_cpu_and_run_on_gpu(quick_run, impl):
     report, _, _ = quick_run
     for name, c in report["configs"].items():
-        e = c["results"]["jax_cudnn"]
+        e = c["results"][impl]
         if report["platform"] == "cpu":
             assert e["status"] == "skipped" and "GPU only" in e["reason"], f"{name}: {e}"
         else:
@@ -442,6 +443,100 @@ def test_pallas_lstm_equals_the_librarys_loop(steps, batch, hidden, batch_tile, 
         np.testing.assert_allclose(np.asarray(g), np.asarray(want), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("steps,batch,inputs,hidden,batch_tile,hold,bf16", [
+    (1, 16, 3, 16, 16, False, False),
+    (6, 20, 5, 16, 16, False, False),  # batch padded to 32: two programs, the last mostly padding
+    (4, 32, 1, 32, 16, True, False),
+    (3, 16, 4, 16, 16, True, True),
+    (2, 40, 2, 32, 32, False, True),
+])
+def test_pallas_layer_values_and_gradients_equal_the_librarys(steps, batch, inputs, hidden, batch_tile, hold, bf16):
+    """bench/pallas_lstm.py's layer (forward and backward kernels, in Pallas's interpreter)
+    against the library's autodiff reference ``layer_scan``: outputs, and the gradients of
+    every argument under cotangents on all three outputs. With bfloat16 operands, against the
+    library's ``layer_fused`` with the same ``matmul_dtype``: the same roundings (autodiff
+    through ``layer_scan`` rounds its backward's operands elsewhere)."""
+    import jax
+    import jax.numpy as jnp
+
+    from lstm_jax import _layer
+
+    pallas_lstm = _load_bench_module("pallas_lstm")
+    rng = np.random.default_rng(steps * 1000 + batch + inputs)
+    normal = lambda *s: jnp.asarray(rng.standard_normal(s, dtype=np.float32))  # noqa: E731
+    args = (0.5 * normal(inputs, 4 * hidden), normal(hidden, 4 * hidden) / np.sqrt(hidden), 0.1 * normal(4 * hidden),
+            normal(steps, batch, inputs), normal(batch, hidden), normal(batch, hidden))
+    cot = (normal(steps, batch, hidden), normal(batch, hidden), normal(batch, hidden))
+    mm = jnp.bfloat16 if bf16 else None
+
+    def with_loss(layer):
+        def loss(*a):
+            return sum(jnp.sum(out * c) for out, c in zip(layer(*a), cot))
+        return jax.jit(lambda *a: (layer(*a), jax.grad(loss, argnums=tuple(range(6)))(*a)))
+
+    got, got_grads = with_loss(lambda *a: pallas_lstm.lstm_layer(*a, batch_tile=batch_tile, hold_weights=hold,
+                                                                 matmul_dtype=mm, interpret=True))(*args)
+    reference = _layer.layer_fused if bf16 else _layer.layer_scan
+    want, want_grads = with_loss(lambda *a: reference(*a, matmul_dtype=mm))(*args)
+    def close(g, w, name):
+        g, w = np.asarray(g), np.asarray(w)
+        assert g.shape == w.shape, name
+        assert np.abs(w).max() > 0, name  # a value that could be wrong
+        # bfloat16: where the two round an operand to different sides (their float32 sums
+        # differ in the last bit), the results differ by about bfloat16's epsilon (2**-8) of
+        # the array's scale.
+        tol = dict(rtol=0, atol=2**-8 * np.abs(w).max()) if bf16 else dict(rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(g, w, err_msg=name, **tol)
+
+    for g, w, name in zip(got, want, ("ys", "h_T", "c_T")):
+        close(g, w, name)
+    for g, w, name in zip(got_grads, want_grads, ("w_ih", "w_hh", "b", "xs", "h0", "c0")):
+        close(g, w, f"d {name}")
+
+
+def test_pallas_subject_trains_as_the_fused_layer():
+    """The GPU-only lstm_jax_pallas subject of bench/run.py, built here in Pallas's
+    interpreter: the same first loss as lstm_jax's fused layer, and the same parameters after
+    two Adam steps."""
+    _require_peers()
+    import jax
+
+    peers = _load_bench_module("peers")
+    shape = peers.Shape(batch=8, steps=5, inputs=3, hidden=16, layers=2)
+    data = peers.Data.make(shape, sets=2, seed=0)
+    weights = peers.init_reference_weights(shape, 0)
+    fused = peers.make_lstm_jax(shape, data, weights, "fused")
+    sys.path.insert(0, str(ROOT / "bench"))  # peers imports pallas_lstm by name, as bench/run.py runs it
+    try:
+        pallas = peers.make_lstm_jax_pallas(shape, data, weights, interpret=True)
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    assert pallas.name == "lstm_jax_pallas"
+    for impl in (fused, pallas):
+        assert _positive_finite(impl.setup_train())
+        impl.train_step(1)
+    assert abs(pallas.first_loss - fused.first_loss) <= 1e-6
+    flat = lambda impl: jax.tree.leaves(impl._state[0])  # noqa: E731
+    for a, b in zip(flat(pallas), flat(fused), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
+def test_pallas_layer_rejects_bad_input():
+    import jax.numpy as jnp
+
+    pallas_lstm = _load_bench_module("pallas_lstm")
+    w_ih, w_hh, b = jnp.zeros((3, 64)), jnp.zeros((16, 64)), jnp.zeros(64)
+    xs, h = jnp.zeros((2, 16, 3)), jnp.zeros((16, 16))
+    with pytest.raises(ValueError, match="w_ih"):
+        pallas_lstm.lstm_layer(jnp.zeros((4, 64)), w_hh, b, xs, h, h)
+    with pytest.raises(ValueError, match="h0, c0"):
+        pallas_lstm.lstm_layer(w_ih, w_hh, b, xs, jnp.zeros((8, 16)), h)
+    with pytest.raises(TypeError, match="xs: expected float32"):
+        pallas_lstm.lstm_layer(w_ih, w_hh, b, xs.astype(jnp.bfloat16), h, h)
+    with pytest.raises(ValueError, match="batch_tile"):
+        pallas_lstm.lstm_layer(w_ih, w_hh, b, xs, h, h, batch_tile=8)
+
+
 def test_pallas_lstm_lowers_to_triton_for_cuda():
     """The kernel passes Pallas's Triton lowering for a CUDA target (cross-lowered here, no
     GPU needed): what Triton supports (shapes, ops) is checked before a GPU session runs it."""
@@ -450,12 +545,24 @@ def test_pallas_lstm_lowers_to_triton_for_cuda():
     from jax import export
 
     pallas_lstm = _load_bench_module("pallas_lstm")
+    def cross_lower(fn, *args):
+        exported = export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=[
+            export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(*args)
+        return exported.mlir_module().count("__gpu$xla.gpu.triton")
+
     args = (jnp.zeros((3, 32, 128)), jnp.zeros(128), jnp.zeros((32, 128)), jnp.zeros((32, 32)), jnp.zeros((32, 32)))
     for hold in (False, True):
-        fn = jax.jit(lambda *a, hold=hold: pallas_lstm.lstm_forward(*a, hold_weights=hold, matmul_dtype=jnp.bfloat16))
-        exported = export.export(fn, platforms=["cuda"], disabled_checks=[
-            export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(*args)
-        assert "__gpu$xla.gpu.triton" in exported.mlir_module()
+        assert cross_lower(lambda *a, hold=hold: pallas_lstm.lstm_forward(*a, hold_weights=hold,
+                                                                          matmul_dtype=jnp.bfloat16), *args) == 1
+    # Training: the forward kernel saving residuals and the backward kernel, float32 (IEEE dots)
+    # and bfloat16 operands.
+    layer_args = (jnp.zeros((8, 128)), jnp.zeros((32, 128)), jnp.zeros(128), jnp.zeros((3, 32, 8)),
+                  jnp.zeros((32, 32)), jnp.zeros((32, 32)))
+    for hold, mm in ((False, None), (True, jnp.bfloat16)):
+        def loss(*a, hold=hold, mm=mm):
+            ys, h_t, c_t = pallas_lstm.lstm_layer(*a, hold_weights=hold, matmul_dtype=mm)
+            return jnp.sum(ys) + jnp.sum(h_t) + jnp.sum(c_t)
+        assert cross_lower(jax.value_and_grad(loss, argnums=tuple(range(6))), *layer_args) == 2
 
 
 @pytest.mark.parametrize("hidden,batch_tile,match", [(12, 16, "hidden"), (8, 16, "hidden"), (16, 8, "batch_tile"),
