@@ -19,8 +19,8 @@ the per-step launches and synchronisation of the loop body's kernels, and re-rea
   input projection is tiny), for what cuDNN's own kernels do per step;
 * ``pallas`` / ``pallas_hold`` (GPU only): the persistent-style candidate of
   ``bench/pallas_lstm.py``, the whole loop in one Triton kernel, ``w_hh`` re-read from L2 at
-  every step / loaded once and held on chip (its time includes the wrapper's one pass over
-  ``zx`` into the kernel's gate-major layout). A loop that fails to compile (holding a large
+  every step / loaded once and held on chip (the kernel reads ``zx`` in the library's layout:
+  no pass over it before the loop). A loop that fails to compile (holding a large
   ``w_hh`` may) is recorded with its error instead of a time;
 
 and ``batched_gemm``: one ``[T*B, H] x [H, 4H]`` GEMM, divided by T: the dot's time per step
