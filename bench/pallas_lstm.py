@@ -5,8 +5,8 @@ The candidate that ``bench/persistent.py`` (forward) and ``bench/run.py`` (``lst
 the training step and inference of the whole model) time against XLA's scan, cuDNN and the
 peers on a GPU. Not part of the library until a GPU measurement says it pays (the issue's
 order: measure, then write it into the layer); it has the library layer's signature and
-semantics (``_layer.layer_fused`` without lengths, recurrent dropout or remat), so that adopting
-it is a matter of registering it.
+semantics (``_layer.layer_fused`` without ``remat_chunk`` and ``unroll``), so that adopting it
+is a matter of registering it.
 
 Each program of the grid owns ``batch_tile`` rows of the batch for the whole sequence: batch
 rows are independent, so no program waits for another, and the loop over T runs inside the
@@ -24,6 +24,8 @@ residency).
 * Backward kernel, over t = T-1 .. 0: ``dz_t [B, 4H]`` from ``dh, dc`` and the residuals (the
   equations of ``_layer._backward_steps``), written out, then ``dh <- sum_k dz_k @ w_hh[:, k].T``
   and ``dc <- dc_total * f``. It carries only what is sequential, as the library's fused VJP.
+* Lengths (``valid``: past a sequence's end the state is carried and the output is zero) and
+  recurrent dropout (``rmask`` on ``h`` before ``w_hh``) as in the library, in both kernels.
 * Outside the kernels, in XLA: the input projection before the forward (one GEMM over all steps)
   and ``dW_ih, dW_hh, db, d_xs`` after the backward (``_layer._param_and_input_grads``: one
   GEMM each over all steps), exactly as the library's fused layer.
@@ -100,31 +102,50 @@ class _Config:
 
 
 @functools.lru_cache(maxsize=None)
-def _forward_call(cfg: _Config, save_residuals: bool):
-    """``(zx [T,B,4H], b [1,4H], w_hh [H,4H], h0, c0) -> (ys, h_T, c_T[, acts [T,B,4H], cs [T,B,H]])``."""
+def _forward_call(cfg: _Config, save_residuals: bool, has_valid: bool, has_rmask: bool):
+    """``(zx [T,B,4H], b [1,4H], w_hh [H,4H], h0, c0[, valid [T,B]][, rmask [B,H]])
+    -> (ys, h_T, c_T[, acts [T,B,4H], cs [T,B,H][, hs [T,B,H]]])``.
+
+    ``valid`` is float32 (1: the step is inside the sequence; Triton loads no bools). ``hs``
+    (the carried ``h``, which differs from ``ys`` past a sequence's end) only with ``valid``.
+    """
     steps, hidden, tile = cfg.steps, cfg.hidden, cfg.batch_tile
 
-    def kernel(zx_ref, b_ref, w_ref, h0_ref, c0_ref, ys_ref, h_t_ref, c_t_ref, *residual_refs):
+    def kernel(*refs):
+        zx_ref, b_ref, w_ref, h0_ref, c0_ref = refs[:5]
+        refs = list(refs[5:])
+        valid_ref = refs.pop(0) if has_valid else None
+        rmask_ref = refs.pop(0) if has_rmask else None
+        ys_ref, h_t_ref, c_t_ref, *residual_refs = refs
         rows = pl.ds(pl.program_id(0) * tile, tile)
         gate = [pl.ds(k * hidden, hidden) for k in range(4)]  # column blocks of the 4H axis
         biases = [b_ref[:, gate[k]] for k in range(4)]  # 4 x [1, H]
         held = [w_ref[:, gate[k]] for k in range(4)] if cfg.hold_weights else None  # 4 x [H, H]
+        rmask = rmask_ref[rows, :] if has_rmask else None
 
         def step(t, carry):
             h, c = carry
-            z = [zx_ref[t, rows, gate[k]] + cfg.dot(h, held[k] if held else w_ref[:, gate[k]]) + biases[k]
+            h_in = h * rmask if has_rmask else h
+            z = [zx_ref[t, rows, gate[k]] + cfg.dot(h_in, held[k] if held else w_ref[:, gate[k]]) + biases[k]
                  for k in range(4)]
             acts = (jax.nn.sigmoid(z[0]), jax.nn.sigmoid(z[1]), jnp.tanh(z[2]), jax.nn.sigmoid(z[3]))
             i, f, g, o = acts
-            c = f * c + i * g
-            h = o * jnp.tanh(c)
-            ys_ref[t, rows, :] = h
+            c_new = f * c + i * g
+            h_new = o * jnp.tanh(c_new)
+            if has_valid:
+                v = valid_ref[t, rows][:, None] > 0
+                ys_ref[t, rows, :] = jnp.where(v, h_new, 0.0)
+                h_new, c_new = jnp.where(v, h_new, h), jnp.where(v, c_new, c)
+            else:
+                ys_ref[t, rows, :] = h_new
             if save_residuals:
-                acts_ref, cs_ref = residual_refs
+                acts_ref, cs_ref = residual_refs[:2]
                 for k in range(4):
                     acts_ref[t, rows, gate[k]] = acts[k]
-                cs_ref[t, rows, :] = c
-            return h, c
+                cs_ref[t, rows, :] = c_new
+                if has_valid:
+                    residual_refs[2][t, rows, :] = h_new
+            return h_new, c_new
 
         h, c = jax.lax.fori_loop(0, steps, step, (h0_ref[rows, :], c0_ref[rows, :]))
         h_t_ref[rows, :] = h
@@ -133,81 +154,114 @@ def _forward_call(cfg: _Config, save_residuals: bool):
     state = (cfg.batch, hidden)
     outs = [(steps,) + state, state, state]
     if save_residuals:
-        outs += [(steps, cfg.batch, 4 * hidden), (steps,) + state]
-    return cfg.call(kernel, outs, 5)
+        outs += [(steps, cfg.batch, 4 * hidden), (steps,) + state] + ([(steps,) + state] if has_valid else [])
+    return cfg.call(kernel, outs, 5 + has_valid + has_rmask)
 
 
 @functools.lru_cache(maxsize=None)
-def _backward_call(cfg: _Config):
-    """``(d_ys [T,B,H], acts, cs, c0, w_hh_t [4H,H], dh_T, dc_T) -> (dz [T,B,4H], dh0, dc0)``."""
+def _backward_call(cfg: _Config, has_valid: bool, has_rmask: bool):
+    """``(d_ys [T,B,H], acts, cs, c0, w_hh_t [4H,H], dh_T, dc_T[, valid [T,B]][, rmask, hs [T,B,H], h0])
+    -> (dz [T,B,4H], dh0, dc0[, d_rmask [B,H]])``: the equations of ``_layer._backward_steps``.
+    ``hs``: the carried ``h`` after each step."""
     steps, hidden, tile = cfg.steps, cfg.hidden, cfg.batch_tile
 
-    def kernel(dys_ref, acts_ref, cs_ref, c0_ref, wt_ref, dh_t_ref, dc_t_ref, dz_ref, dh0_ref, dc0_ref):
+    def kernel(*refs):
+        dys_ref, acts_ref, cs_ref, c0_ref, wt_ref, dh_t_ref, dc_t_ref = refs[:7]
+        refs = list(refs[7:])
+        valid_ref = refs.pop(0) if has_valid else None
+        rmask_ref, hs_ref, h0_ref = (refs.pop(0), refs.pop(0), refs.pop(0)) if has_rmask else (None,) * 3
+        dz_ref, dh0_ref, dc0_ref, *d_rmask_ref = refs
         rows = pl.ds(pl.program_id(0) * tile, tile)
         gate = [pl.ds(k * hidden, hidden) for k in range(4)]
         held = [wt_ref[gate[k], :] for k in range(4)] if cfg.hold_weights else None  # 4 x [H, H]: w_hh[:, k].T
         c0 = c0_ref[rows, :]
+        rmask = rmask_ref[rows, :] if has_rmask else None
+        h0 = h0_ref[rows, :] if has_rmask else None
 
         def step(s, carry):
             t = steps - 1 - s
-            dh, dc = carry
-            dh = dh + dys_ref[t, rows, :]
+            dh_carry, dc_carry, d_rmask = carry
+            dh = dh_carry + dys_ref[t, rows, :]
+            dc = dc_carry
+            if has_valid:
+                v = valid_ref[t, rows][:, None] > 0
+                dh, dc = jnp.where(v, dh, 0.0), jnp.where(v, dc, 0.0)
             i, f, g, o = (acts_ref[t, rows, gate[k]] for k in range(4))
             tanh_c = jnp.tanh(cs_ref[t, rows, :])
-            c_prev = jnp.where(t > 0, cs_ref[jnp.maximum(t - 1, 0), rows, :], c0)
+            before = jnp.maximum(t - 1, 0)
+            c_prev = jnp.where(t > 0, cs_ref[before, rows, :], c0)
             dc_total = dc + dh * o * (1 - tanh_c * tanh_c)
             dz = (dc_total * g * i * (1 - i),
                   dc_total * c_prev * f * (1 - f),
                   dc_total * i * (1 - g * g),
                   dh * tanh_c * o * (1 - o))
-            dh = None
+            dh_in = None
             for k in range(4):
                 dz_ref[t, rows, gate[k]] = dz[k]
                 part = cfg.dot(dz[k], held[k] if held else wt_ref[gate[k], :])
-                dh = part if dh is None else dh + part
-            return dh, dc_total * f
+                dh_in = part if dh_in is None else dh_in + part
+            if has_rmask:
+                h_prev = jnp.where(t > 0, hs_ref[before, rows, :], h0)
+                d_rmask = d_rmask + h_prev * dh_in
+                dh_in = dh_in * rmask
+            dc_prev = dc_total * f
+            if has_valid:
+                # Steps past a sequence's length passed the state through unchanged.
+                dh_in = dh_in + jnp.where(v, 0.0, dh_carry)
+                dc_prev = dc_prev + jnp.where(v, 0.0, dc_carry)
+            return dh_in, dc_prev, d_rmask
 
-        dh, dc = jax.lax.fori_loop(0, steps, step, (dh_t_ref[rows, :], dc_t_ref[rows, :]))
+        zero = jnp.zeros((tile, hidden), jnp.float32)
+        dh, dc, d_rmask = jax.lax.fori_loop(0, steps, step, (dh_t_ref[rows, :], dc_t_ref[rows, :], zero))
         dh0_ref[rows, :] = dh
         dc0_ref[rows, :] = dc
+        if has_rmask:
+            d_rmask_ref[0][rows, :] = d_rmask
 
     state = (cfg.batch, hidden)
-    return cfg.call(kernel, [(steps, cfg.batch, 4 * hidden), state, state], 7)
+    outs = [(steps, cfg.batch, 4 * hidden), state, state] + ([state] if has_rmask else [])
+    return cfg.call(kernel, outs, 7 + has_valid + 3 * has_rmask)
 
 
-def _forward(cfg, zx, b, w_hh, h0, c0, save_residuals):
-    return _forward_call(cfg, save_residuals)(zx, b.reshape(1, -1), w_hh.astype(cfg.mm), h0, c0)
+def _forward(cfg, zx, b, w_hh, h0, c0, valid, rmask, save_residuals):
+    extra = [a for a in (None if valid is None else valid.astype(jnp.float32), rmask) if a is not None]
+    call = _forward_call(cfg, save_residuals, valid is not None, rmask is not None)
+    return call(zx, b.reshape(1, -1), w_hh.astype(cfg.mm), h0, c0, *extra)
 
 
 @functools.lru_cache(maxsize=None)
 def _layer_fn(cfg: _Config):
-    """The layer on a batch that is a multiple of the tile, with its hand-written VJP."""
+    """The layer on a batch that is a multiple of the tile, with its hand-written VJP.
+    ``valid`` and ``rmask`` may be None."""
     matmul_dtype = None if cfg.mm == jnp.float32 else cfg.mm
 
     def projection(xs, w_ih):
         return _layer._input_projection(xs, w_ih, jnp.float32, matmul_dtype)
 
     @jax.custom_vjp
-    def layer(w_ih, w_hh, b, xs, h0, c0):
-        return _forward(cfg, projection(xs, w_ih), b, w_hh, h0, c0, False)
+    def layer(w_ih, w_hh, b, xs, h0, c0, valid, rmask):
+        return _forward(cfg, projection(xs, w_ih), b, w_hh, h0, c0, valid, rmask, False)
 
-    def fwd(w_ih, w_hh, b, xs, h0, c0):
-        ys, h_t, c_t, acts, cs = _forward(cfg, projection(xs, w_ih), b, w_hh, h0, c0, True)
-        return (ys, h_t, c_t), (w_ih, w_hh, xs, h0, c0, ys, acts, cs)
+    def fwd(w_ih, w_hh, b, xs, h0, c0, valid, rmask):
+        ys, h_t, c_t, acts, cs, *hs = _forward(cfg, projection(xs, w_ih), b, w_hh, h0, c0, valid, rmask, True)
+        hs = hs[0] if hs else ys  # without lengths the carried h is the output
+        return (ys, h_t, c_t), (w_ih, w_hh, xs, h0, c0, valid, rmask, hs, acts, cs)
 
     def bwd(residuals, cotangents):
-        w_ih, w_hh, xs, h0, c0, ys, acts, cs = residuals
+        w_ih, w_hh, xs, h0, c0, valid, rmask, hs, acts, cs = residuals
         d_ys, d_h_t, d_c_t = cotangents
-        dz, dh0, dc0 = _backward_call(cfg)(d_ys, acts, cs, c0, w_hh.T.astype(cfg.mm), d_h_t, d_c_t)
-        h_prev = jnp.concatenate([h0[None], ys[:-1]], axis=0)
-        d_w_ih, d_w_hh, d_b, d_xs = _layer._param_and_input_grads(xs, w_ih, h_prev, dz, None, matmul_dtype)
-        return d_w_ih, d_w_hh, d_b, d_xs, dh0, dc0
+        extra = ([] if valid is None else [valid.astype(jnp.float32)]) + ([] if rmask is None else [rmask, hs, h0])
+        dz, dh0, dc0, *d_rmask = _backward_call(cfg, valid is not None, rmask is not None)(
+            d_ys, acts, cs, c0, w_hh.T.astype(cfg.mm), d_h_t, d_c_t, *extra)
+        h_prev = jnp.concatenate([h0[None], hs[:-1]], axis=0)
+        d_w_ih, d_w_hh, d_b, d_xs = _layer._param_and_input_grads(xs, w_ih, h_prev, dz, rmask, matmul_dtype)
+        return d_w_ih, d_w_hh, d_b, d_xs, dh0, dc0, None, (d_rmask[0] if d_rmask else None)
 
     layer.defvjp(fwd, bwd)
     return layer
 
 
-def _validate(w_ih, w_hh, b, xs, h0, c0):
+def _validate(w_ih, w_hh, b, xs, h0, c0, valid, rmask):
     steps, batch, in_size = xs.shape
     hidden = w_hh.shape[0]
     if w_ih.shape != (in_size, 4 * hidden) or w_hh.shape != (hidden, 4 * hidden) or b.shape != (4 * hidden,):
@@ -215,20 +269,27 @@ def _validate(w_ih, w_hh, b, xs, h0, c0):
                          f"{b.shape}")
     if h0.shape != (batch, hidden) or c0.shape != (batch, hidden):
         raise ValueError(f"h0, c0: expected [{batch}, {hidden}], got {h0.shape}, {c0.shape}")
-    for name, a in (("w_ih", w_ih), ("w_hh", w_hh), ("b", b), ("xs", xs), ("h0", h0), ("c0", c0)):
-        if a.dtype != jnp.float32:
+    if valid is not None and (valid.shape != (steps, batch) or valid.dtype != jnp.bool_):
+        raise ValueError(f"valid: expected bool [{steps}, {batch}], got {valid.dtype} {valid.shape}")
+    if rmask is not None and rmask.shape != (batch, hidden):
+        raise ValueError(f"rmask: expected [{batch}, {hidden}], got {rmask.shape}")
+    for name, a in (("w_ih", w_ih), ("w_hh", w_hh), ("b", b), ("xs", xs), ("h0", h0), ("c0", c0), ("rmask", rmask)):
+        if a is not None and a.dtype != jnp.float32:
             raise TypeError(f"{name}: expected float32 (the kernels' state and gate math), got {a.dtype}")
     return steps, batch, hidden
 
 
-def lstm_layer(w_ih, w_hh, b, xs, h0, c0, *, batch_tile=16, hold_weights=False, matmul_dtype=None, num_warps=4,
-               interpret=False):
+def lstm_layer(w_ih, w_hh, b, xs, h0, c0, valid=None, rmask=None, *, batch_tile=16, hold_weights=False,
+               matmul_dtype=None, num_warps=4, interpret=False):
     """One LSTM layer over a time-major sequence: the forward and backward recurrences each one
     Pallas kernel. Differentiable (reverse mode) in every argument.
 
     Args:
       w_ih ``[in, 4H]``, w_hh ``[H, 4H]``, b ``[4H]`` (forget bias folded in): float32.
       xs: ``[T, B, in]``. h0, c0: ``[B, H]``.
+      valid: ``[T, B]`` bool (``t < lengths[b]``) or None: past a sequence's end the state
+        is carried unchanged and the output is zero, as in the library.
+      rmask: ``[B, H]`` recurrent dropout mask (scaled), multiplying ``h`` before ``w_hh``, or None.
       batch_tile: batch rows per program (a power of two >= 16).
       hold_weights: load ``w_hh`` once per program and keep it on chip, instead of at every step.
       matmul_dtype: the dots' operand dtype (e.g. ``jnp.bfloat16``); float32 accumulation, gates
@@ -238,7 +299,7 @@ def lstm_layer(w_ih, w_hh, b, xs, h0, c0, *, batch_tile=16, hold_weights=False, 
     Returns:
       ``(ys [T, B, H], h_T [B, H], c_T [B, H])``, what ``_layer.layer_fused`` returns.
     """
-    steps, batch, hidden = _validate(w_ih, w_hh, b, xs, h0, c0)
+    steps, batch, hidden = _validate(w_ih, w_hh, b, xs, h0, c0, valid, rmask)
     check_sizes(hidden, batch_tile)
     padded = -(-batch // batch_tile) * batch_tile
     cfg = _Config(steps, padded, hidden, batch_tile, hold_weights,
@@ -247,7 +308,10 @@ def lstm_layer(w_ih, w_hh, b, xs, h0, c0, *, batch_tile=16, hold_weights=False, 
         rows = padded - batch
         xs = jnp.pad(xs, [(0, 0), (0, rows), (0, 0)])
         h0, c0 = (jnp.pad(a, [(0, rows), (0, 0)]) for a in (h0, c0))
-    ys, h_t, c_t = _layer_fn(cfg)(w_ih, w_hh, b, xs, h0, c0)
+        # Padded rows: invalid (the state stays), mask 0; sliced off below, their gradients too.
+        valid = None if valid is None else jnp.pad(valid, [(0, 0), (0, rows)])
+        rmask = None if rmask is None else jnp.pad(rmask, [(0, rows), (0, 0)])
+    ys, h_t, c_t = _layer_fn(cfg)(w_ih, w_hh, b, xs, h0, c0, valid, rmask)
     return ys[:, :batch], h_t[:batch], c_t[:batch]
 
 
@@ -278,5 +342,5 @@ def lstm_forward(zx, b, w_hh, h0, c0, *, batch_tile=16, hold_weights=False, matm
     pad = [(0, padded - batch), (0, 0)]
     f32 = lambda a: a.astype(jnp.float32)  # noqa: E731
     ys, h_t, c_t = _forward(cfg, f32(jnp.pad(zx, [(0, 0), pad[0], (0, 0)])), f32(b), w_hh, f32(jnp.pad(h0, pad)),
-                            f32(jnp.pad(c0, pad)), False)
+                            f32(jnp.pad(c0, pad)), None, None, False)
     return ys[:, :batch], h_t[:batch], c_t[:batch]

@@ -443,19 +443,22 @@ def test_pallas_lstm_equals_the_librarys_loop(steps, batch, hidden, batch_tile, 
         np.testing.assert_allclose(np.asarray(g), np.asarray(want), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("steps,batch,inputs,hidden,batch_tile,hold,bf16", [
-    (1, 16, 3, 16, 16, False, False),
-    (6, 20, 5, 16, 16, False, False),  # batch padded to 32: two programs, the last mostly padding
-    (4, 32, 1, 32, 16, True, False),
-    (3, 16, 4, 16, 16, True, True),
-    (2, 40, 2, 32, 32, False, True),
+@pytest.mark.parametrize("steps,batch,inputs,hidden,batch_tile,hold,bf16,lengths,dropout", [
+    (1, 16, 3, 16, 16, False, False, False, False),
+    (6, 20, 5, 16, 16, False, False, True, False),  # batch padded to 32: the last program mostly padding
+    (4, 32, 1, 32, 16, True, False, False, True),
+    (5, 24, 2, 16, 16, False, False, True, True),
+    (3, 16, 4, 16, 16, True, True, False, False),
+    (2, 40, 2, 32, 32, False, True, True, True),
 ])
-def test_pallas_layer_values_and_gradients_equal_the_librarys(steps, batch, inputs, hidden, batch_tile, hold, bf16):
+def test_pallas_layer_values_and_gradients_equal_the_librarys(steps, batch, inputs, hidden, batch_tile, hold, bf16,
+                                                              lengths, dropout):
     """bench/pallas_lstm.py's layer (forward and backward kernels, in Pallas's interpreter)
     against the library's autodiff reference ``layer_scan``: outputs, and the gradients of
-    every argument under cotangents on all three outputs. With bfloat16 operands, against the
-    library's ``layer_fused`` with the same ``matmul_dtype``: the same roundings (autodiff
-    through ``layer_scan`` rounds its backward's operands elsewhere)."""
+    every argument (the recurrent dropout mask's too) under cotangents on all three outputs,
+    with lengths from 0 to T. With bfloat16 operands, against the library's ``layer_fused``
+    with the same ``matmul_dtype``: the same roundings (autodiff through ``layer_scan`` rounds
+    its backward's operands elsewhere)."""
     import jax
     import jax.numpy as jnp
 
@@ -468,11 +471,23 @@ def test_pallas_layer_values_and_gradients_equal_the_librarys(steps, batch, inpu
             normal(steps, batch, inputs), normal(batch, hidden), normal(batch, hidden))
     cot = (normal(steps, batch, hidden), normal(batch, hidden), normal(batch, hidden))
     mm = jnp.bfloat16 if bf16 else None
+    valid = None
+    if lengths:
+        seq_len = rng.integers(0, steps + 1, batch)
+        seq_len[:2] = (0, steps)
+        valid = jnp.asarray(np.arange(steps)[:, None] < seq_len[None, :])
+    names = ["w_ih", "w_hh", "b", "xs", "h0", "c0"]
+    if dropout:
+        args += (jnp.asarray((rng.random((batch, hidden)) > 0.3) / 0.7, jnp.float32),)
+        names.append("rmask")
 
     def with_loss(layer):
+        def run(*a):
+            return layer(*a[:6], valid, *a[6:])
+
         def loss(*a):
-            return sum(jnp.sum(out * c) for out, c in zip(layer(*a), cot))
-        return jax.jit(lambda *a: (layer(*a), jax.grad(loss, argnums=tuple(range(6)))(*a)))
+            return sum(jnp.sum(out * c) for out, c in zip(run(*a), cot))
+        return jax.jit(lambda *a: (run(*a), jax.grad(loss, argnums=tuple(range(len(a))))(*a)))
 
     got, got_grads = with_loss(lambda *a: pallas_lstm.lstm_layer(*a, batch_tile=batch_tile, hold_weights=hold,
                                                                  matmul_dtype=mm, interpret=True))(*args)
@@ -490,7 +505,8 @@ def test_pallas_layer_values_and_gradients_equal_the_librarys(steps, batch, inpu
 
     for g, w, name in zip(got, want, ("ys", "h_T", "c_T")):
         close(g, w, name)
-    for g, w, name in zip(got_grads, want_grads, ("w_ih", "w_hh", "b", "xs", "h0", "c0")):
+    assert len(got_grads) == len(names)
+    for g, w, name in zip(got_grads, want_grads, names):
         close(g, w, f"d {name}")
 
 
@@ -526,6 +542,12 @@ def test_pallas_layer_rejects_bad_input():
 
     pallas_lstm = _load_bench_module("pallas_lstm")
     w_ih, w_hh, b = jnp.zeros((3, 64)), jnp.zeros((16, 64)), jnp.zeros(64)
+    with pytest.raises(ValueError, match="valid: expected bool"):
+        pallas_lstm.lstm_layer(w_ih, w_hh, b, jnp.zeros((2, 16, 3)), jnp.zeros((16, 16)), jnp.zeros((16, 16)),
+                               jnp.ones((2, 16)))
+    with pytest.raises(ValueError, match="rmask"):
+        pallas_lstm.lstm_layer(w_ih, w_hh, b, jnp.zeros((2, 16, 3)), jnp.zeros((16, 16)), jnp.zeros((16, 16)),
+                               None, jnp.ones((16, 8)))
     xs, h = jnp.zeros((2, 16, 3)), jnp.zeros((16, 16))
     with pytest.raises(ValueError, match="w_ih"):
         pallas_lstm.lstm_layer(jnp.zeros((4, 64)), w_hh, b, xs, h, h)
@@ -558,9 +580,10 @@ def test_pallas_lstm_lowers_to_triton_for_cuda():
     # and bfloat16 operands.
     layer_args = (jnp.zeros((8, 128)), jnp.zeros((32, 128)), jnp.zeros(128), jnp.zeros((3, 32, 8)),
                   jnp.zeros((32, 32)), jnp.zeros((32, 32)))
-    for hold, mm in ((False, None), (True, jnp.bfloat16)):
-        def loss(*a, hold=hold, mm=mm):
-            ys, h_t, c_t = pallas_lstm.lstm_layer(*a, hold_weights=hold, matmul_dtype=mm)
+    valid, rmask = jnp.ones((3, 32), bool), jnp.ones((32, 32))
+    for hold, mm, extra in ((False, None, ()), (True, jnp.bfloat16, ()), (False, None, (valid, rmask))):
+        def loss(*a, hold=hold, mm=mm, extra=extra):
+            ys, h_t, c_t = pallas_lstm.lstm_layer(*a, *extra, hold_weights=hold, matmul_dtype=mm)
             return jnp.sum(ys) + jnp.sum(h_t) + jnp.sum(c_t)
         assert cross_lower(jax.value_and_grad(loss, argnums=tuple(range(6))), *layer_args) == 2
 
