@@ -33,8 +33,9 @@ residency).
 Layouts are the library's: ``xs [T, B, in]``, ``w_ih [in, 4H]``, ``w_hh [H, 4H]``, ``b [4H]``,
 gate order (i, f, g, o) as in :mod:`lstm_jax._cell`; the batch is padded to a multiple of
 ``batch_tile`` (and sliced back). float32 parameters and state; ``matmul_dtype=jnp.bfloat16``
-casts the dots' operands (float32 accumulation), as the library's flag does. float32 dots run
-at full float32 precision (Triton's IEEE mode, not TF32), as ``bench/run.py``'s default.
+casts the dots' operands (float32 accumulation), as the library's flag does. float32 dots follow
+``jax_default_matmul_precision`` as XLA's do: IEEE float32 under "highest" (``bench/run.py``'s
+default ``--precision float32``), TF32 otherwise.
 
 Triton's constraints, checked up front: ``H`` a power of two >= 16 and ``batch_tile`` a power
 of two >= 16 (its ``dot`` needs every dimension >= 16). ``interpret=True`` runs the kernels on
@@ -67,12 +68,15 @@ class _Config:
     """The static settings of one kernel pair (hashable, for the caches below)."""
 
     def __init__(self, steps, batch, hidden, batch_tile, hold_weights, matmul_dtype, num_warps, interpret):
-        self.key = (steps, batch, hidden, batch_tile, hold_weights, jnp.dtype(matmul_dtype).name, num_warps, interpret)
-        (self.steps, self.batch, self.hidden, self.batch_tile, self.hold_weights, _, self.num_warps,
-         self.interpret) = self.key
         self.mm = jnp.dtype(matmul_dtype)
-        # float32 operands: IEEE float32 dots (Triton's default would be TF32).
-        self.precision = jax.lax.Precision.HIGHEST if self.mm == jnp.float32 else None
+        # float32 operands: the precision XLA's dots get, from jax_default_matmul_precision
+        # ("highest"/"float32": IEEE float32, as bench/run.py's default; unset or
+        # "tensorfloat32": TF32, XLA's and Triton's default on a GPU).
+        full = str(jax.config.jax_default_matmul_precision).lower() in ("highest", "float32", "fp32")
+        self.precision = jax.lax.Precision.HIGHEST if self.mm == jnp.float32 and full else None
+        self.key = (steps, batch, hidden, batch_tile, hold_weights, self.mm.name, num_warps, interpret, self.precision)
+        (self.steps, self.batch, self.hidden, self.batch_tile, self.hold_weights, _, self.num_warps,
+         self.interpret, _) = self.key
 
     def __hash__(self):
         return hash(self.key)

@@ -537,6 +537,24 @@ def test_pallas_subject_trains_as_the_fused_layer():
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
 
 
+def test_pallas_dots_follow_the_default_matmul_precision():
+    """float32 operands: IEEE float32 dots under "highest" (bench/run.py's default), Triton's
+    TF32 default otherwise, as XLA's dots on a GPU; bfloat16 operands: no precision asked."""
+    import jax
+    import jax.numpy as jnp
+
+    pallas_lstm = _load_bench_module("pallas_lstm")
+    config = lambda mm: pallas_lstm._Config(2, 16, 16, 16, False, mm, 4, True)  # noqa: E731
+    with jax.default_matmul_precision("highest"):
+        full = config(jnp.float32)
+        assert full.precision == jax.lax.Precision.HIGHEST
+        assert config(jnp.bfloat16).precision is None
+    with jax.default_matmul_precision("tensorfloat32"):
+        tf32 = config(jnp.float32)
+        assert tf32.precision is None
+    assert full != tf32  # separate entries in the kernel caches
+
+
 def test_pallas_layer_rejects_bad_input():
     import jax.numpy as jnp
 
