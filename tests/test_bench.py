@@ -236,6 +236,17 @@ def test_targets_bounds_follow_from_the_peak_rate():
     # Flax 3.0 s / fused 1.5 s = 2x, short of 5x; at best 3.0 s / 1 s of matmul = 3x.
     assert math.isclose(speedup["measured"], 2.0) and speedup["met"] is False
     assert math.isclose(speedup["bound"], 3.0)
+    # The Pallas candidate's rows: not measured without its entry; then 0.5 s against torch's
+    # 2.0 s (met) and 6x Flax's speed (met).
+    assert gpu_rows["candidate: tutorial training step, Pallas / torch (cuDNN)"]["measured"] is None
+    tut["results"]["lstm_jax_pallas"] = {"train": {"median_s": 0.5}}
+    tut["ratios"]["train"]["lstm_jax_pallas/torch"] = 0.25
+    gpu_rows = {r["target"]: r for r in run.targets(report)}
+    cand = gpu_rows["candidate: tutorial training step, Pallas / torch (cuDNN)"]
+    assert math.isclose(cand["measured"], 0.25) and cand["met"] is True and math.isclose(cand["bound"], 0.5)
+    cand_flax = gpu_rows["candidate: tutorial training step, Flax / Pallas (speed-up)"]
+    assert math.isclose(cand_flax["measured"], 6.0) and cand_flax["met"] is True
+    assert gpu_rows["candidate: tutorial training step, Pallas / jax.experimental.rnn (cuDNN)"]["met"] is None
 
 
 def test_bf16_subject_builds_and_tracks_float32():
