@@ -16,14 +16,17 @@ persistent-RNN idea; it fits one SM only for small H, e.g. H=128 with bfloat16 o
 128 KiB) or re-read at every step from L2 (``hold_weights=False``: one launch, no on-chip
 residency).
 
-* Forward kernel: ``z_k = zx[t, :, k] + h @ w_hh[:, k] + b[k]`` for each gate k in (i, f, g, o)
-  (four ``[tile, H] x [H, H]`` dots: Triton cannot slice a register tensor, so the gates are
-  separate blocks, read from and written to column blocks of the library's layouts), then the
-  cell update. For training it also writes the gate activations ``acts [T, B, 4H]`` and the cell
+* Forward kernel: ``z_k = zx[t, :, k] + h @ w_hh[:, k] + b[k]`` for each gate k in (i, f, g, o),
+  then the cell update. Triton cannot slice or join register tensors, so the state and every
+  gate are held as column blocks of C (``block``, :func:`default_block`), read from and written
+  to column blocks of the library's layouts, and each gate block is a sum of ``H / C`` dots
+  ``[tile, C] x [C, C]``. Small blocks also keep Triton's shared-memory staging of the weight
+  operand small: whole ``[H, H]`` operands asked for more than an H100 block has at H=256
+  (``bench/triton_resources.py``). For training it also writes the gate activations ``acts [T, B, 4H]`` and the cell
   states ``cs [T, B, H]``, the library's residuals.
 * Backward kernel, over t = T-1 .. 0: ``dz_t [B, 4H]`` from ``dh, dc`` and the residuals (the
   equations of ``_layer._backward_steps``), written out, then ``dh <- sum_k dz_k @ w_hh[:, k].T``
-  and ``dc <- dc_total * f``. It carries only what is sequential, as the library's fused VJP.
+  (accumulated block by block) and ``dc <- dc_total * f``. It carries only what is sequential, as the library's fused VJP.
 * Lengths (``valid``: past a sequence's end the state is carried and the output is zero) and
   recurrent dropout (``rmask`` on ``h`` before ``w_hh``) as in the library, in both kernels.
 * Outside the kernels, in XLA: the input projection before the forward (one GEMM over all steps)
@@ -57,26 +60,41 @@ def _is_pow2(n: int) -> bool:
     return n >= 1 and n & (n - 1) == 0
 
 
-def check_sizes(hidden: int, batch_tile: int) -> None:
+def check_sizes(hidden: int, batch_tile: int, block: int | None = None) -> None:
     if not _is_pow2(hidden) or hidden < 16:
         raise ValueError(f"hidden: expected a power of two >= 16 (Triton's dot), got {hidden}")
     if not _is_pow2(batch_tile) or batch_tile < 16:
         raise ValueError(f"batch_tile: expected a power of two >= 16 (Triton's dot), got {batch_tile}")
+    if block is not None and (not _is_pow2(block) or not 16 <= block <= hidden):
+        raise ValueError(f"block: expected a power of two in [16, hidden={hidden}], got {block}")
+
+
+def default_block(hidden: int, matmul_dtype) -> int:
+    """The column block C of the kernels' dots (``[tile, C] x [C, C]``): 64 for float32
+    operands, 128 for bfloat16, at most H. Triton stages a dot's ``[C, C]`` weight operand in
+    shared memory: with C = H it needs ``4H²`` bytes (float32), 256 KiB at H=256, more than an
+    H100 block may have (227 KiB); found by compiling the kernels for sm_90 with Triton's own
+    compiler (see bench/README.md)."""
+    return min(hidden, 64 if jnp.dtype(matmul_dtype) == jnp.float32 else 128)
 
 
 class _Config:
     """The static settings of one kernel pair (hashable, for the caches below)."""
 
-    def __init__(self, steps, batch, hidden, batch_tile, hold_weights, matmul_dtype, num_warps, interpret):
+    def __init__(self, steps, batch, hidden, batch_tile, hold_weights, matmul_dtype, num_warps, interpret,
+                 block=None):
         self.mm = jnp.dtype(matmul_dtype)
         # float32 operands: the precision XLA's dots get, from jax_default_matmul_precision
         # ("highest"/"float32": IEEE float32, as bench/run.py's default; unset or
         # "tensorfloat32": TF32, XLA's and Triton's default on a GPU).
         full = str(jax.config.jax_default_matmul_precision).lower() in ("highest", "float32", "fp32")
         self.precision = jax.lax.Precision.HIGHEST if self.mm == jnp.float32 and full else None
-        self.key = (steps, batch, hidden, batch_tile, hold_weights, self.mm.name, num_warps, interpret, self.precision)
+        block = default_block(hidden, self.mm) if block is None else block
+        self.key = (steps, batch, hidden, batch_tile, hold_weights, self.mm.name, num_warps, interpret, self.precision,
+                    block)
         (self.steps, self.batch, self.hidden, self.batch_tile, self.hold_weights, _, self.num_warps,
-         self.interpret, _) = self.key
+         self.interpret, _, self.block) = self.key
+        self.blocks = hidden // block
 
     def __hash__(self):
         return hash(self.key)
@@ -86,6 +104,14 @@ class _Config:
 
     def dot(self, a, w):
         return jnp.dot(a.astype(self.mm), w, preferred_element_type=jnp.float32, precision=self.precision)
+
+    def state(self, n):
+        """Columns of block ``n`` of a ``[., H]`` array."""
+        return pl.ds(n * self.block, self.block)
+
+    def gate(self, k, n):
+        """Columns of block ``n`` of gate ``k`` of a ``[., 4H]`` array."""
+        return pl.ds(k * self.hidden + n * self.block, self.block)
 
     def call(self, kernel, out_shapes, num_inputs):
         compiler_params = None
@@ -112,8 +138,11 @@ def _forward_call(cfg: _Config, save_residuals: bool, has_valid: bool, has_rmask
 
     ``valid`` is float32 (1: the step is inside the sequence; Triton loads no bools). ``hs``
     (the carried ``h``, which differs from ``ys`` past a sequence's end) only with ``valid``.
+    The state is held as ``H / C`` column blocks ``[tile, C]`` (Triton cannot slice or join
+    register tensors), each gate block the sum of ``H / C`` dots.
     """
-    steps, hidden, tile = cfg.steps, cfg.hidden, cfg.batch_tile
+    steps, hidden, tile, nb = cfg.steps, cfg.hidden, cfg.batch_tile, cfg.blocks
+    blocks = range(nb)
 
     def kernel(*refs):
         zx_ref, b_ref, w_ref, h0_ref, c0_ref = refs[:5]
@@ -122,38 +151,52 @@ def _forward_call(cfg: _Config, save_residuals: bool, has_valid: bool, has_rmask
         rmask_ref = refs.pop(0) if has_rmask else None
         ys_ref, h_t_ref, c_t_ref, *residual_refs = refs
         rows = pl.ds(pl.program_id(0) * tile, tile)
-        gate = [pl.ds(k * hidden, hidden) for k in range(4)]  # column blocks of the 4H axis
-        biases = [b_ref[:, gate[k]] for k in range(4)]  # 4 x [1, H]
-        held = [w_ref[:, gate[k]] for k in range(4)] if cfg.hold_weights else None  # 4 x [H, H]
-        rmask = rmask_ref[rows, :] if has_rmask else None
+        biases = [[b_ref[:, cfg.gate(k, n)] for n in blocks] for k in range(4)]  # [1, C] each
+
+        def weight(m, k, n):  # rows block m, gate k, columns block n of w_hh: [C, C]
+            return held[m][k][n] if held else w_ref[cfg.state(m), cfg.gate(k, n)]
+
+        held = ([[[w_ref[cfg.state(m), cfg.gate(k, n)] for n in blocks] for k in range(4)] for m in blocks]
+                if cfg.hold_weights else None)
+        rmask = [rmask_ref[rows, cfg.state(m)] for m in blocks] if has_rmask else None
 
         def step(t, carry):
             h, c = carry
-            h_in = h * rmask if has_rmask else h
-            z = [zx_ref[t, rows, gate[k]] + cfg.dot(h_in, held[k] if held else w_ref[:, gate[k]]) + biases[k]
-                 for k in range(4)]
-            acts = (jax.nn.sigmoid(z[0]), jax.nn.sigmoid(z[1]), jnp.tanh(z[2]), jax.nn.sigmoid(z[3]))
-            i, f, g, o = acts
-            c_new = f * c + i * g
-            h_new = o * jnp.tanh(c_new)
-            if has_valid:
-                v = valid_ref[t, rows][:, None] > 0
-                ys_ref[t, rows, :] = jnp.where(v, h_new, 0.0)
-                h_new, c_new = jnp.where(v, h_new, h), jnp.where(v, c_new, c)
-            else:
-                ys_ref[t, rows, :] = h_new
-            if save_residuals:
-                acts_ref, cs_ref = residual_refs[:2]
+            h_in = [h[m] * rmask[m] for m in blocks] if has_rmask else h
+            v = valid_ref[t, rows][:, None] > 0 if has_valid else None
+            h_out, c_out = [], []
+            for n in blocks:
+                z = []
                 for k in range(4):
-                    acts_ref[t, rows, gate[k]] = acts[k]
-                cs_ref[t, rows, :] = c_new
+                    acc = zx_ref[t, rows, cfg.gate(k, n)] + biases[k][n]
+                    for m in blocks:
+                        acc = acc + cfg.dot(h_in[m], weight(m, k, n))
+                    z.append(acc)
+                acts = (jax.nn.sigmoid(z[0]), jax.nn.sigmoid(z[1]), jnp.tanh(z[2]), jax.nn.sigmoid(z[3]))
+                i, f, g, o = acts
+                c_new = f * c[n] + i * g
+                h_new = o * jnp.tanh(c_new)
                 if has_valid:
-                    residual_refs[2][t, rows, :] = h_new
-            return h_new, c_new
+                    ys_ref[t, rows, cfg.state(n)] = jnp.where(v, h_new, 0.0)
+                    h_new, c_new = jnp.where(v, h_new, h[n]), jnp.where(v, c_new, c[n])
+                else:
+                    ys_ref[t, rows, cfg.state(n)] = h_new
+                if save_residuals:
+                    acts_ref, cs_ref = residual_refs[:2]
+                    for k in range(4):
+                        acts_ref[t, rows, cfg.gate(k, n)] = acts[k]
+                    cs_ref[t, rows, cfg.state(n)] = c_new
+                    if has_valid:
+                        residual_refs[2][t, rows, cfg.state(n)] = h_new
+                h_out.append(h_new)
+                c_out.append(c_new)
+            return tuple(h_out), tuple(c_out)
 
-        h, c = jax.lax.fori_loop(0, steps, step, (h0_ref[rows, :], c0_ref[rows, :]))
-        h_t_ref[rows, :] = h
-        c_t_ref[rows, :] = c
+        init = (tuple(h0_ref[rows, cfg.state(n)] for n in blocks), tuple(c0_ref[rows, cfg.state(n)] for n in blocks))
+        h, c = jax.lax.fori_loop(0, steps, step, init)
+        for n in blocks:
+            h_t_ref[rows, cfg.state(n)] = h[n]
+            c_t_ref[rows, cfg.state(n)] = c[n]
 
     state = (cfg.batch, hidden)
     outs = [(steps,) + state, state, state]
@@ -166,8 +209,9 @@ def _forward_call(cfg: _Config, save_residuals: bool, has_valid: bool, has_rmask
 def _backward_call(cfg: _Config, has_valid: bool, has_rmask: bool):
     """``(d_ys [T,B,H], acts, cs, c0, w_hh_t [4H,H], dh_T, dc_T[, valid [T,B]][, rmask, hs [T,B,H], h0])
     -> (dz [T,B,4H], dh0, dc0[, d_rmask [B,H]])``: the equations of ``_layer._backward_steps``.
-    ``hs``: the carried ``h`` after each step."""
-    steps, hidden, tile = cfg.steps, cfg.hidden, cfg.batch_tile
+    ``hs``: the carried ``h`` after each step. Column blocks as in the forward."""
+    steps, hidden, tile, nb = cfg.steps, cfg.hidden, cfg.batch_tile, cfg.blocks
+    blocks = range(nb)
 
     def kernel(*refs):
         dys_ref, acts_ref, cs_ref, c0_ref, wt_ref, dh_t_ref, dc_t_ref = refs[:7]
@@ -176,51 +220,68 @@ def _backward_call(cfg: _Config, has_valid: bool, has_rmask: bool):
         rmask_ref, hs_ref, h0_ref = (refs.pop(0), refs.pop(0), refs.pop(0)) if has_rmask else (None,) * 3
         dz_ref, dh0_ref, dc0_ref, *d_rmask_ref = refs
         rows = pl.ds(pl.program_id(0) * tile, tile)
-        gate = [pl.ds(k * hidden, hidden) for k in range(4)]
-        held = [wt_ref[gate[k], :] for k in range(4)] if cfg.hold_weights else None  # 4 x [H, H]: w_hh[:, k].T
-        c0 = c0_ref[rows, :]
-        rmask = rmask_ref[rows, :] if has_rmask else None
-        h0 = h0_ref[rows, :] if has_rmask else None
+
+        def weight_t(k, n, m):  # w_hh[block m, gate k block n].T: [C, C]
+            return held[k][n][m] if held else wt_ref[cfg.gate(k, n), cfg.state(m)]
+
+        held = ([[[wt_ref[cfg.gate(k, n), cfg.state(m)] for m in blocks] for n in blocks] for k in range(4)]
+                if cfg.hold_weights else None)
+        c0 = [c0_ref[rows, cfg.state(n)] for n in blocks]
+        rmask = [rmask_ref[rows, cfg.state(m)] for m in blocks] if has_rmask else None
+        h0 = [h0_ref[rows, cfg.state(m)] for m in blocks] if has_rmask else None
 
         def step(s, carry):
             t = steps - 1 - s
-            dh_carry, dc_carry, d_rmask = carry
-            dh = dh_carry + dys_ref[t, rows, :]
-            dc = dc_carry
-            if has_valid:
-                v = valid_ref[t, rows][:, None] > 0
-                dh, dc = jnp.where(v, dh, 0.0), jnp.where(v, dc, 0.0)
-            i, f, g, o = (acts_ref[t, rows, gate[k]] for k in range(4))
-            tanh_c = jnp.tanh(cs_ref[t, rows, :])
             before = jnp.maximum(t - 1, 0)
-            c_prev = jnp.where(t > 0, cs_ref[before, rows, :], c0)
-            dc_total = dc + dh * o * (1 - tanh_c * tanh_c)
-            dz = (dc_total * g * i * (1 - i),
-                  dc_total * c_prev * f * (1 - f),
-                  dc_total * i * (1 - g * g),
-                  dh * tanh_c * o * (1 - o))
-            dh_in = None
-            for k in range(4):
-                dz_ref[t, rows, gate[k]] = dz[k]
-                part = cfg.dot(dz[k], held[k] if held else wt_ref[gate[k], :])
-                dh_in = part if dh_in is None else dh_in + part
-            if has_rmask:
-                h_prev = jnp.where(t > 0, hs_ref[before, rows, :], h0)
-                d_rmask = d_rmask + h_prev * dh_in
-                dh_in = dh_in * rmask
-            dc_prev = dc_total * f
-            if has_valid:
-                # Steps past a sequence's length passed the state through unchanged.
-                dh_in = dh_in + jnp.where(v, 0.0, dh_carry)
-                dc_prev = dc_prev + jnp.where(v, 0.0, dc_carry)
-            return dh_in, dc_prev, d_rmask
+            dh_carry, dc_carry, d_rmask = carry
+            v = valid_ref[t, rows][:, None] > 0 if has_valid else None
+            # dh_in[m] accumulates each column block's dz as soon as it is computed, so that only
+            # one block's dz is live at a time (register pressure, see bench/README.md).
+            dh_in, dc_out = [None] * nb, []
+            for n in blocks:
+                dh = dh_carry[n] + dys_ref[t, rows, cfg.state(n)]
+                dc = dc_carry[n]
+                if has_valid:
+                    dh, dc = jnp.where(v, dh, 0.0), jnp.where(v, dc, 0.0)
+                i, f, g, o = (acts_ref[t, rows, cfg.gate(k, n)] for k in range(4))
+                tanh_c = jnp.tanh(cs_ref[t, rows, cfg.state(n)])
+                c_prev = jnp.where(t > 0, cs_ref[before, rows, cfg.state(n)], c0[n])
+                dc_total = dc + dh * o * (1 - tanh_c * tanh_c)
+                dz_n = (dc_total * g * i * (1 - i),
+                        dc_total * c_prev * f * (1 - f),
+                        dc_total * i * (1 - g * g),
+                        dh * tanh_c * o * (1 - o))
+                for k in range(4):
+                    dz_ref[t, rows, cfg.gate(k, n)] = dz_n[k]
+                    for m in blocks:
+                        part = cfg.dot(dz_n[k], weight_t(k, n, m))
+                        dh_in[m] = part if dh_in[m] is None else dh_in[m] + part
+                dc_prev = dc_total * f
+                if has_valid:
+                    # Steps past a sequence's length passed the state through unchanged.
+                    dc_prev = dc_prev + jnp.where(v, 0.0, dc_carry[n])
+                dc_out.append(dc_prev)
+            dh_out, d_rmask_out = [], []
+            for m in blocks:
+                dh_m = dh_in[m]
+                if has_rmask:
+                    h_prev = jnp.where(t > 0, hs_ref[before, rows, cfg.state(m)], h0[m])
+                    d_rmask_out.append(d_rmask[m] + h_prev * dh_m)
+                    dh_m = dh_m * rmask[m]
+                if has_valid:
+                    dh_m = dh_m + jnp.where(v, 0.0, dh_carry[m])
+                dh_out.append(dh_m)
+            return tuple(dh_out), tuple(dc_out), tuple(d_rmask_out) if has_rmask else d_rmask
 
-        zero = jnp.zeros((tile, hidden), jnp.float32)
-        dh, dc, d_rmask = jax.lax.fori_loop(0, steps, step, (dh_t_ref[rows, :], dc_t_ref[rows, :], zero))
-        dh0_ref[rows, :] = dh
-        dc0_ref[rows, :] = dc
-        if has_rmask:
-            d_rmask_ref[0][rows, :] = d_rmask
+        zero = jnp.zeros((tile, cfg.block), jnp.float32)
+        init = (tuple(dh_t_ref[rows, cfg.state(n)] for n in blocks), tuple(dc_t_ref[rows, cfg.state(n)] for n in blocks),
+                tuple(zero for _ in blocks))
+        dh, dc, d_rmask = jax.lax.fori_loop(0, steps, step, init)
+        for n in blocks:
+            dh0_ref[rows, cfg.state(n)] = dh[n]
+            dc0_ref[rows, cfg.state(n)] = dc[n]
+            if has_rmask:
+                d_rmask_ref[0][rows, cfg.state(n)] = d_rmask[n]
 
     state = (cfg.batch, hidden)
     outs = [(steps, cfg.batch, 4 * hidden), state, state] + ([state] if has_rmask else [])
@@ -284,7 +345,7 @@ def _validate(w_ih, w_hh, b, xs, h0, c0, valid, rmask):
 
 
 def lstm_layer(w_ih, w_hh, b, xs, h0, c0, valid=None, rmask=None, *, batch_tile=16, hold_weights=False,
-               matmul_dtype=None, num_warps=4, interpret=False):
+               matmul_dtype=None, num_warps=4, block=None, interpret=False):
     """One LSTM layer over a time-major sequence: the forward and backward recurrences each one
     Pallas kernel. Differentiable (reverse mode) in every argument.
 
@@ -298,16 +359,18 @@ def lstm_layer(w_ih, w_hh, b, xs, h0, c0, valid=None, rmask=None, *, batch_tile=
       hold_weights: load ``w_hh`` once per program and keep it on chip, instead of at every step.
       matmul_dtype: the dots' operand dtype (e.g. ``jnp.bfloat16``); float32 accumulation, gates
         and state. ``None``: float32.
-      num_warps: Triton warps per program. interpret: run in Pallas's interpreter.
+      num_warps: Triton warps per program.
+      block: the column block C of the dots, ``[tile, C] x [C, C]`` (a power of two, 16 to H;
+        default :func:`default_block`). interpret: run in Pallas's interpreter.
 
     Returns:
       ``(ys [T, B, H], h_T [B, H], c_T [B, H])``, what ``_layer.layer_fused`` returns.
     """
     steps, batch, hidden = _validate(w_ih, w_hh, b, xs, h0, c0, valid, rmask)
-    check_sizes(hidden, batch_tile)
+    check_sizes(hidden, batch_tile, block)
     padded = -(-batch // batch_tile) * batch_tile
     cfg = _Config(steps, padded, hidden, batch_tile, hold_weights,
-                  jnp.float32 if matmul_dtype is None else matmul_dtype, num_warps, interpret)
+                  jnp.float32 if matmul_dtype is None else matmul_dtype, num_warps, interpret, block)
     if padded != batch:
         rows = padded - batch
         xs = jnp.pad(xs, [(0, 0), (0, rows), (0, 0)])
@@ -320,7 +383,7 @@ def lstm_layer(w_ih, w_hh, b, xs, h0, c0, valid=None, rmask=None, *, batch_tile=
 
 
 def lstm_forward(zx, b, w_hh, h0, c0, *, batch_tile=16, hold_weights=False, matmul_dtype=None, num_warps=4,
-                 interpret=False):
+                 block=None, interpret=False):
     """One layer's forward recurrence in one kernel, over projected inputs: what
     ``_layer._recurrence`` computes (no lengths, no recurrent dropout, nothing saved for a
     backward pass). ``bench/persistent.py`` times this loop alone.
@@ -339,10 +402,10 @@ def lstm_forward(zx, b, w_hh, h0, c0, *, batch_tile=16, hold_weights=False, matm
         raise ValueError(f"zx, w_hh, b: expected [T, B, 4H], [H, 4H], [4H]; got {zx.shape}, {w_hh.shape}, {b.shape}")
     if h0.shape != (batch, hidden) or c0.shape != (batch, hidden):
         raise ValueError(f"h0, c0: expected [{batch}, {hidden}], got {h0.shape}, {c0.shape}")
-    check_sizes(hidden, batch_tile)
+    check_sizes(hidden, batch_tile, block)
     padded = -(-batch // batch_tile) * batch_tile
     cfg = _Config(steps, padded, hidden, batch_tile, hold_weights,
-                  jnp.float32 if matmul_dtype is None else matmul_dtype, num_warps, interpret)
+                  jnp.float32 if matmul_dtype is None else matmul_dtype, num_warps, interpret, block)
     pad = [(0, padded - batch), (0, 0)]
     f32 = lambda a: a.astype(jnp.float32)  # noqa: E731
     ys, h_t, c_t = _forward(cfg, f32(jnp.pad(zx, [(0, 0), pad[0], (0, 0)])), f32(b), w_hh, f32(jnp.pad(h0, pad)),

@@ -297,9 +297,10 @@ def make_lstm_jax(shape: Shape, data: Data, weights, impl: str, unroll: Optional
 
 
 def pallas_warps(hidden: int) -> int:
-    """Triton warps per program for the Pallas layer: 4 up to H=128, 8 above (the gates of a
-    16-row tile are ``4 x [16, H]`` floats in registers). A first guess for the GPU run to
-    check with ``bench/persistent.py --num-warps``."""
+    """Triton warps per program for the Pallas layer: 4 up to H=128, 8 above (compiled for
+    sm_90 at H=256 with TF32 dots, 8 warps spilled 56/72 B per thread in the forward/backward
+    kernels, 4 warps 784/1888: ``bench/triton_resources.py``). To check for speed on a GPU
+    with ``bench/persistent.py --num-warps``."""
     return 4 if hidden <= 128 else 8
 
 

@@ -424,14 +424,14 @@ def test_persistent_study_times_the_librarys_loop():
     np.testing.assert_allclose(np.swapaxes(np.asarray(ys), 0, 1), np.asarray(want), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("steps,batch,hidden,batch_tile,hold,bf16", [
-    (1, 16, 16, 16, False, False),
-    (5, 20, 16, 16, False, False),  # batch padded to 32: two programs, the last half empty
-    (4, 32, 32, 16, True, False),
-    (3, 16, 16, 16, True, True),
-    (2, 40, 32, 32, False, True),
+@pytest.mark.parametrize("steps,batch,hidden,batch_tile,hold,bf16,block", [
+    (1, 16, 16, 16, False, False, None),
+    (5, 20, 16, 16, False, False, None),  # batch padded to 32: two programs, the last half empty
+    (4, 32, 32, 16, True, False, 16),  # 2 x 2 column blocks per gate
+    (3, 16, 16, 16, True, True, None),
+    (2, 40, 32, 32, False, True, None),
 ])
-def test_pallas_lstm_equals_the_librarys_loop(steps, batch, hidden, batch_tile, hold, bf16):
+def test_pallas_lstm_equals_the_librarys_loop(steps, batch, hidden, batch_tile, hold, bf16, block):
     """bench/pallas_lstm.py (in Pallas's interpreter) computes what ``_layer._recurrence``
     computes, with float32 or bfloat16 matmul operands."""
     import jax
@@ -446,24 +446,25 @@ def test_pallas_lstm_equals_the_librarys_loop(steps, batch, hidden, batch_tile, 
     w_hh = jnp.asarray(rng.standard_normal((hidden, 4 * hidden), dtype=np.float32) / np.sqrt(hidden))
     h0, c0 = (jnp.asarray(rng.standard_normal((batch, hidden), dtype=np.float32)) for _ in range(2))
     mm = jnp.bfloat16 if bf16 else None
-    got = jax.jit(lambda *a: pallas_lstm.lstm_forward(*a, batch_tile=batch_tile, hold_weights=hold,
-                                                      matmul_dtype=mm, interpret=True))(zx, b, w_hh, h0, c0)
+    got = jax.jit(lambda *a: pallas_lstm.lstm_forward(*a, batch_tile=batch_tile, hold_weights=hold, matmul_dtype=mm,
+                                                      block=block, interpret=True))(zx, b, w_hh, h0, c0)
     (h_t, c_t), ys = _layer._recurrence(zx, b, w_hh if mm is None else w_hh.astype(mm), h0, c0, None, None, 1, False)
     for g, want in zip(got, (ys, h_t, c_t)):
         assert g.shape == want.shape
         np.testing.assert_allclose(np.asarray(g), np.asarray(want), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("steps,batch,inputs,hidden,batch_tile,hold,bf16,lengths,dropout", [
-    (1, 16, 3, 16, 16, False, False, False, False),
-    (6, 20, 5, 16, 16, False, False, True, False),  # batch padded to 32: the last program mostly padding
-    (4, 32, 1, 32, 16, True, False, False, True),
-    (5, 24, 2, 16, 16, False, False, True, True),
-    (3, 16, 4, 16, 16, True, True, False, False),
-    (2, 40, 2, 32, 32, False, True, True, True),
+@pytest.mark.parametrize("steps,batch,inputs,hidden,block,batch_tile,hold,bf16,lengths,dropout", [
+    (1, 16, 3, 16, 16, 16, False, False, False, False),
+    (6, 20, 5, 16, 16, 16, False, False, True, False),  # batch padded to 32: the last program mostly padding
+    (4, 32, 1, 32, 16, 16, True, False, False, True),  # 2 x 2 column blocks per gate
+    (5, 24, 2, 16, 16, 16, False, False, True, True),
+    (3, 16, 4, 16, 16, 16, True, True, False, False),
+    (2, 40, 2, 32, 32, 32, False, True, True, True),
+    (3, 16, 3, 64, 16, 16, False, False, True, True),  # 4 x 4 blocks
 ])
-def test_pallas_layer_values_and_gradients_equal_the_librarys(steps, batch, inputs, hidden, batch_tile, hold, bf16,
-                                                              lengths, dropout):
+def test_pallas_layer_values_and_gradients_equal_the_librarys(steps, batch, inputs, hidden, block, batch_tile, hold,
+                                                              bf16, lengths, dropout):
     """bench/pallas_lstm.py's layer (forward and backward kernels, in Pallas's interpreter)
     against the library's autodiff reference ``layer_scan``: outputs, and the gradients of
     every argument (the recurrent dropout mask's too) under cotangents on all three outputs,
@@ -501,7 +502,7 @@ def test_pallas_layer_values_and_gradients_equal_the_librarys(steps, batch, inpu
         return jax.jit(lambda *a: (run(*a), jax.grad(loss, argnums=tuple(range(len(a))))(*a)))
 
     got, got_grads = with_loss(lambda *a: pallas_lstm.lstm_layer(*a, batch_tile=batch_tile, hold_weights=hold,
-                                                                 matmul_dtype=mm, interpret=True))(*args)
+                                                                 matmul_dtype=mm, block=block, interpret=True))(*args)
     reference = _layer.layer_fused if bf16 else _layer.layer_scan
     want, want_grads = with_loss(lambda *a: reference(*a, matmul_dtype=mm))(*args)
     def close(g, w, name):
@@ -586,6 +587,8 @@ def test_pallas_layer_rejects_bad_input():
         pallas_lstm.lstm_layer(w_ih, w_hh, b, xs.astype(jnp.bfloat16), h, h)
     with pytest.raises(ValueError, match="batch_tile"):
         pallas_lstm.lstm_layer(w_ih, w_hh, b, xs, h, h, batch_tile=8)
+    with pytest.raises(ValueError, match="block"):
+        pallas_lstm.lstm_layer(w_ih, w_hh, b, xs, h, h, block=32)  # more than H
 
 
 def test_pallas_lstm_lowers_to_triton_for_cuda():
