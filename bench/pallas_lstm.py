@@ -70,12 +70,16 @@ def check_sizes(hidden: int, batch_tile: int, block: int | None = None) -> None:
 
 
 def default_block(hidden: int, matmul_dtype) -> int:
-    """The column block C of the kernels' dots (``[tile, C] x [C, C]``): 64 for float32
-    operands, 128 for bfloat16, at most H. Triton stages a dot's ``[C, C]`` weight operand in
-    shared memory: with C = H it needs ``4H²`` bytes (float32), 256 KiB at H=256, more than an
-    H100 block may have (227 KiB); found by compiling the kernels for sm_90 with Triton's own
-    compiler (see bench/README.md)."""
-    return min(hidden, 64 if jnp.dtype(matmul_dtype) == jnp.float32 else 128)
+    """The column block C of the kernels' dots (``[tile, C] x [C, C]``), at most H: 128 for
+    bfloat16 operands; for float32 64 up to H=256, 128 above. Triton stages a dot's ``[C, C]``
+    weight operand in shared memory: with C = H it needs ``4H²`` bytes (float32), 256 KiB at
+    H=256, more than an H100 block may have (227 KiB). At H=256 float32, C=64 spilled less
+    than C=128 (56/72 against 1432/1192 B per thread); at H=512, C=64 means 256 dots per step
+    and a Triton compile of minutes, C=128 about 100 s for both kernels. Measured by compiling
+    for sm_90 with ``bench/triton_resources.py``."""
+    if jnp.dtype(matmul_dtype) != jnp.float32:
+        return min(hidden, 128)
+    return min(hidden, 64 if hidden <= 256 else 128)
 
 
 class _Config:
