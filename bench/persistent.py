@@ -65,7 +65,8 @@ LOOPS = ("empty", "dot", "lstm_jax", "cudnn", "pallas", "pallas_hold", "batched_
 
 
 def make_loops(batch: int, steps: int, hidden: int, matmul_dtype, on_gpu: bool, seed: int = 0,
-               batch_tile: int = 16, pallas_interpret: bool = False, num_warps: Optional[int] = None) -> dict:
+               batch_tile: int = 16, pallas_interpret: bool = False, num_warps: Optional[int] = None,
+               block: Optional[int] = None) -> dict:
     """Jitted thunks, each running its loop once and blocking until it is done.
 
     ``batch`` is the batch the loops run at. Returns ``{name: fn() -> None}``; ``cudnn``,
@@ -113,6 +114,7 @@ def make_loops(batch: int, steps: int, hidden: int, matmul_dtype, on_gpu: bool, 
         for name, hold in (("pallas", False), ("pallas_hold", True)):
             fn = jax.jit(functools.partial(pallas_lstm.lstm_forward, batch_tile=batch_tile, hold_weights=hold,
                                            num_warps=num_warps or peers.pallas_warps(hidden),
+                                           block=None if block is None else min(block, hidden),
                                            matmul_dtype=matmul_dtype, interpret=pallas_interpret))
             loops[name] = lambda fn=fn: jax.block_until_ready(fn(zx, b, w_hh, h0, jnp.zeros_like(h0)))
     return loops
@@ -138,14 +140,15 @@ def cudnn_forward(batch: int, steps: int, hidden: int, seed: int = 0):
 
 
 def measure(name: str, batch: int, steps: int, hidden: int, matmul_dtype, reps: int, rounds: int,
-            batch_tile: int = 16, num_warps: Optional[int] = None) -> dict:
+            batch_tile: int = 16, num_warps: Optional[int] = None, block: Optional[int] = None) -> dict:
     import jax
 
     from lstm_jax import _stack
 
     on_gpu = jax.default_backend() == "gpu"
     rows = batch + _stack._cpu_batch_pad(batch, hidden, np.float32, matmul_dtype)
-    loops = make_loops(rows, steps, hidden, matmul_dtype, on_gpu, batch_tile=batch_tile, num_warps=num_warps)
+    loops = make_loops(rows, steps, hidden, matmul_dtype, on_gpu, batch_tile=batch_tile, num_warps=num_warps,
+                       block=block)
     errors: dict = {}
     for loop_name, fn in list(loops.items()):
         try:
@@ -213,6 +216,8 @@ def main(argv=None) -> int:
                     help="batch rows per program of the Pallas kernels (a power of two >= 16; default 16)")
     ap.add_argument("--num-warps", type=int, choices=(1, 2, 4, 8, 16),
                     help="Triton warps per program of the Pallas kernels (default: bench/peers.py's pallas_warps)")
+    ap.add_argument("--block", type=int, help="column block C of the Pallas kernels' dots, a power of two >= 16 "
+                    "(capped at H; default: pallas_lstm.default_block)")
     ap.add_argument("--reps", type=int, help="loops timed per round (default 5; --quick 2)")
     ap.add_argument("--rounds", type=int, help="interleaved rounds (default 4; --quick 1)")
     ap.add_argument("--out", type=Path, help="write <out>.json and <out>.md")
@@ -230,6 +235,8 @@ def main(argv=None) -> int:
         pallas_lstm.check_sizes(16, args.batch_tile)
     except ValueError as e:
         ap.error(f"--batch-tile: {e}")
+    if args.block is not None and (args.block < 16 or args.block & (args.block - 1)):
+        ap.error(f"--block: expected a power of two >= 16, got {args.block}")
 
     import jax
     import jax.numpy as jnp
@@ -243,10 +250,10 @@ def main(argv=None) -> int:
               "date": datetime.datetime.now().isoformat(timespec="seconds"),
               "command": " ".join(["python", "bench/persistent.py", *(argv if argv is not None else sys.argv[1:])]),
               "matmul_dtype": None if matmul_dtype is None else str(matmul_dtype),
-              "reps": reps, "rounds": rounds, "batch_tile": args.batch_tile, "num_warps": args.num_warps, "results": []}
+              "reps": reps, "rounds": rounds, "batch_tile": args.batch_tile, "num_warps": args.num_warps, "block": args.block, "results": []}
     for name in names:
         batch, steps, hidden = sizes[name]
-        r = measure(name, batch, steps, hidden, matmul_dtype, reps, rounds, args.batch_tile, args.num_warps)
+        r = measure(name, batch, steps, hidden, matmul_dtype, reps, rounds, args.batch_tile, args.num_warps, args.block)
         report["results"].append(r)
         print(f"[{name}] B={r['batch_run']} T={steps} H={hidden}: "
               + ", ".join(f"{n} {s * 1e6:.1f} us" for n, s in r["per_step_s"].items()), flush=True)

@@ -383,11 +383,12 @@ def test_persistent_study_gpu_loops_run_here(monkeypatch):
 
     monkeypatch.setattr(rnn, "lstm", _lstm_via_ref(rnn))
     persistent = _load_bench_module("persistent")
-    loops = persistent.make_loops(batch=16, steps=3, hidden=16, matmul_dtype=None, on_gpu=True,
-                                  pallas_interpret=True)
-    assert set(loops) == {"empty", "dot", "lstm_jax", "batched_gemm", "cudnn", "pallas", "pallas_hold"}
-    for fn in loops.values():
-        fn()
+    for block in (None, 16, 64):  # 64: capped at H, one block
+        loops = persistent.make_loops(batch=16, steps=3, hidden=32, matmul_dtype=None, on_gpu=True,
+                                      pallas_interpret=True, block=block)
+        assert set(loops) == {"empty", "dot", "lstm_jax", "batched_gemm", "cudnn", "pallas", "pallas_hold"}
+        for fn in loops.values():
+            fn()
 
 
 def test_persistent_study_cudnn_call_is_well_formed(monkeypatch):
