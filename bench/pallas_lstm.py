@@ -54,6 +54,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from lstm_jax import _layer
+from lstm_jax._stack import _fit_batch
 
 
 def _is_pow2(n: int) -> bool:
@@ -293,7 +294,8 @@ def _backward_call(cfg: _Config, has_valid: bool, has_rmask: bool):
 
 
 def _forward(cfg, zx, b, w_hh, h0, c0, valid, rmask, save_residuals):
-    extra = [a for a in (None if valid is None else valid.astype(jnp.float32), rmask) if a is not None]
+    """``valid``: float32 0/1 (Triton loads no bools) or None."""
+    extra = [a for a in (valid, rmask) if a is not None]
     call = _forward_call(cfg, save_residuals, valid is not None, rmask is not None)
     return call(zx, b.reshape(1, -1), w_hh.astype(cfg.mm), h0, c0, *extra)
 
@@ -301,7 +303,7 @@ def _forward(cfg, zx, b, w_hh, h0, c0, valid, rmask, save_residuals):
 @functools.lru_cache(maxsize=None)
 def _layer_fn(cfg: _Config):
     """The layer on a batch that is a multiple of the tile, with its hand-written VJP.
-    ``valid`` and ``rmask`` may be None."""
+    ``valid`` (float32 0/1) and ``rmask`` may be None."""
     matmul_dtype = None if cfg.mm == jnp.float32 else cfg.mm
 
     def projection(xs, w_ih):
@@ -319,7 +321,7 @@ def _layer_fn(cfg: _Config):
     def bwd(residuals, cotangents):
         w_ih, w_hh, xs, h0, c0, valid, rmask, hs, acts, cs = residuals
         d_ys, d_h_t, d_c_t = cotangents
-        extra = ([] if valid is None else [valid.astype(jnp.float32)]) + ([] if rmask is None else [rmask, hs, h0])
+        extra = ([] if valid is None else [valid]) + ([] if rmask is None else [rmask, hs, h0])
         dz, dh0, dc0, *d_rmask = _backward_call(cfg, valid is not None, rmask is not None)(
             d_ys, acts, cs, c0, w_hh.T.astype(cfg.mm), d_h_t, d_c_t, *extra)
         h_prev = jnp.concatenate([h0[None], hs[:-1]], axis=0)
@@ -348,6 +350,15 @@ def _validate(w_ih, w_hh, b, xs, h0, c0, valid, rmask):
     return steps, batch, hidden
 
 
+def _tiled(steps, batch, hidden, batch_tile, hold_weights, matmul_dtype, num_warps, interpret, block):
+    """The kernels' config for ``batch`` padded to a multiple of ``batch_tile``, and that batch."""
+    check_sizes(hidden, batch_tile, block)
+    padded = -(-batch // batch_tile) * batch_tile
+    cfg = _Config(steps, padded, hidden, batch_tile, hold_weights,
+                  jnp.float32 if matmul_dtype is None else matmul_dtype, num_warps, interpret, block)
+    return cfg, padded
+
+
 def lstm_layer(w_ih, w_hh, b, xs, h0, c0, valid=None, rmask=None, *, batch_tile=16, hold_weights=False,
                matmul_dtype=None, num_warps=4, block=None, interpret=False):
     """One LSTM layer over a time-major sequence: the forward and backward recurrences each one
@@ -371,19 +382,13 @@ def lstm_layer(w_ih, w_hh, b, xs, h0, c0, valid=None, rmask=None, *, batch_tile=
       ``(ys [T, B, H], h_T [B, H], c_T [B, H])``, what ``_layer.layer_fused`` returns.
     """
     steps, batch, hidden = _validate(w_ih, w_hh, b, xs, h0, c0, valid, rmask)
-    check_sizes(hidden, batch_tile, block)
-    padded = -(-batch // batch_tile) * batch_tile
-    cfg = _Config(steps, padded, hidden, batch_tile, hold_weights,
-                  jnp.float32 if matmul_dtype is None else matmul_dtype, num_warps, interpret, block)
-    if padded != batch:
-        rows = padded - batch
-        xs = jnp.pad(xs, [(0, 0), (0, rows), (0, 0)])
-        h0, c0 = (jnp.pad(a, [(0, rows), (0, 0)]) for a in (h0, c0))
-        # Padded rows: invalid (the state stays), mask 0; sliced off below, their gradients too.
-        valid = None if valid is None else jnp.pad(valid, [(0, 0), (0, rows)])
-        rmask = None if rmask is None else jnp.pad(rmask, [(0, rows), (0, 0)])
-    ys, h_t, c_t = _layer_fn(cfg)(w_ih, w_hh, b, xs, h0, c0, valid, rmask)
-    return ys[:, :batch], h_t[:batch], c_t[:batch]
+    cfg, padded = _tiled(steps, batch, hidden, batch_tile, hold_weights, matmul_dtype, num_warps, interpret, block)
+    # Padded rows: invalid (the state stays), mask 0; sliced off below, their gradients too.
+    valid = None if valid is None else _fit_batch(valid.astype(jnp.float32), 1, padded)
+    rmask = None if rmask is None else _fit_batch(rmask, 0, padded)
+    ys, h_t, c_t = _layer_fn(cfg)(w_ih, w_hh, b, _fit_batch(xs, 1, padded), _fit_batch(h0, 0, padded),
+                                  _fit_batch(c0, 0, padded), valid, rmask)
+    return _fit_batch(ys, 1, batch), _fit_batch(h_t, 0, batch), _fit_batch(c_t, 0, batch)
 
 
 def lstm_forward(zx, b, w_hh, h0, c0, *, batch_tile=16, hold_weights=False, matmul_dtype=None, num_warps=4,
@@ -406,12 +411,8 @@ def lstm_forward(zx, b, w_hh, h0, c0, *, batch_tile=16, hold_weights=False, matm
         raise ValueError(f"zx, w_hh, b: expected [T, B, 4H], [H, 4H], [4H]; got {zx.shape}, {w_hh.shape}, {b.shape}")
     if h0.shape != (batch, hidden) or c0.shape != (batch, hidden):
         raise ValueError(f"h0, c0: expected [{batch}, {hidden}], got {h0.shape}, {c0.shape}")
-    check_sizes(hidden, batch_tile, block)
-    padded = -(-batch // batch_tile) * batch_tile
-    cfg = _Config(steps, padded, hidden, batch_tile, hold_weights,
-                  jnp.float32 if matmul_dtype is None else matmul_dtype, num_warps, interpret, block)
-    pad = [(0, padded - batch), (0, 0)]
+    cfg, padded = _tiled(steps, batch, hidden, batch_tile, hold_weights, matmul_dtype, num_warps, interpret, block)
     f32 = lambda a: a.astype(jnp.float32)  # noqa: E731
-    ys, h_t, c_t = _forward(cfg, f32(jnp.pad(zx, [(0, 0), pad[0], (0, 0)])), f32(b), w_hh, f32(jnp.pad(h0, pad)),
-                            f32(jnp.pad(c0, pad)), None, None, False)
-    return ys[:, :batch], h_t[:batch], c_t[:batch]
+    ys, h_t, c_t = _forward(cfg, f32(_fit_batch(zx, 1, padded)), f32(b), w_hh, f32(_fit_batch(h0, 0, padded)),
+                            f32(_fit_batch(c0, 0, padded)), None, None, False)
+    return _fit_batch(ys, 1, batch), _fit_batch(h_t, 0, batch), _fit_batch(c_t, 0, batch)
