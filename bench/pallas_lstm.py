@@ -5,8 +5,8 @@ The candidate that ``bench/persistent.py`` (forward) and ``bench/run.py`` (``lst
 the training step and inference of the whole model) time against XLA's scan, cuDNN and the
 peers on a GPU. Not part of the library until a GPU measurement says it pays (the issue's
 order: measure, then write it into the layer); it has the library layer's signature and
-semantics (``_layer.layer_fused`` without ``remat_chunk`` and ``unroll``), so that adopting it
-is a matter of registering it.
+semantics (``_layer.layer_fused``'s, ``remat_chunk`` included; ``unroll`` has no meaning for a
+loop inside a kernel), so that adopting it is a matter of registering it.
 
 Each program of the grid owns ``batch_tile`` rows of the batch for the whole sequence: batch
 rows are independent, so no program waits for another, and the loop over T runs inside the
@@ -47,6 +47,7 @@ any backend (the tests compare them with the library on the CPU, values and grad
 
 from __future__ import annotations
 
+import copy
 import functools
 
 import jax
@@ -89,6 +90,7 @@ class _Config:
     def __init__(self, steps, batch, hidden, batch_tile, hold_weights, matmul_dtype, num_warps, interpret,
                  block=None):
         self.mm = jnp.dtype(matmul_dtype)
+        self.matmul_dtype = None if self.mm == jnp.float32 else self.mm  # the library's flag
         # float32 operands: the precision XLA's dots get, from jax_default_matmul_precision
         # ("highest"/"float32": IEEE float32, as bench/run.py's default; unset or
         # "tensorfloat32": TF32, XLA's and Triton's default on a GPU).
@@ -100,6 +102,12 @@ class _Config:
         (self.steps, self.batch, self.hidden, self.batch_tile, self.hold_weights, _, self.num_warps,
          self.interpret, _, self.block) = self.key
         self.blocks = hidden // block
+
+    def with_steps(self, steps):
+        """The same kernels (precision included) over ``steps`` timesteps: remat's chunks."""
+        other = copy.copy(self)
+        other.steps, other.key = steps, (steps,) + self.key[1:]
+        return other
 
     def __hash__(self):
         return hash(self.key)
@@ -300,33 +308,103 @@ def _forward(cfg, zx, b, w_hh, h0, c0, valid, rmask, save_residuals):
     return call(zx, b.reshape(1, -1), w_hh.astype(cfg.mm), h0, c0, *extra)
 
 
+def _backward_block(cfg, w_ih, w_hh, xs, h0, c0, valid, rmask, hs, acts, cs, d_ys, d_h_t, d_c_t):
+    """Backpropagation through ``cfg.steps`` steps from the forward kernel's residuals: the
+    backward kernel, then ``dW_ih, dW_hh, db, d_xs`` as one GEMM each over the steps
+    (``_layer._param_and_input_grads``). Returns ``(dh0, dc0, d_rmask or None), (d_w_ih,
+    d_w_hh, d_b, d_xs)``."""
+    extra = ([] if valid is None else [valid]) + ([] if rmask is None else [rmask, hs, h0])
+    dz, dh0, dc0, *d_rmask = _backward_call(cfg, valid is not None, rmask is not None)(
+        d_ys, acts, cs, c0, w_hh.T.astype(cfg.mm), d_h_t, d_c_t, *extra)
+    h_prev = jnp.concatenate([h0[None], hs[:-1]], axis=0)
+    grads = _layer._param_and_input_grads(xs, w_ih, h_prev, dz, rmask, cfg.matmul_dtype)
+    return (dh0, dc0, d_rmask[0] if d_rmask else None), grads
+
+
+def _forward_with_residuals(cfg, w_ih, w_hh, b, xs, h0, c0, valid, rmask):
+    """``(ys, h_T, c_T), (hs, acts, cs)``: the forward kernel saving what the backward needs."""
+    ys, h_t, c_t, acts, cs, *hs = _forward(cfg, _projection(cfg, xs, w_ih), b, w_hh, h0, c0, valid, rmask, True)
+    return (ys, h_t, c_t), (hs[0] if hs else ys, acts, cs)  # without lengths the carried h is the output
+
+
+def _projection(cfg, xs, w_ih):
+    return _layer._input_projection(xs, w_ih, jnp.float32, cfg.matmul_dtype)
+
+
+def _primal(cfg):
+    def layer(w_ih, w_hh, b, xs, h0, c0, valid, rmask):
+        return _forward(cfg, _projection(cfg, xs, w_ih), b, w_hh, h0, c0, valid, rmask, False)
+
+    return layer
+
+
 @functools.lru_cache(maxsize=None)
 def _layer_fn(cfg: _Config):
     """The layer on a batch that is a multiple of the tile, with its hand-written VJP.
     ``valid`` (float32 0/1) and ``rmask`` may be None."""
-    matmul_dtype = None if cfg.mm == jnp.float32 else cfg.mm
-
-    def projection(xs, w_ih):
-        return _layer._input_projection(xs, w_ih, jnp.float32, matmul_dtype)
-
-    @jax.custom_vjp
-    def layer(w_ih, w_hh, b, xs, h0, c0, valid, rmask):
-        return _forward(cfg, projection(xs, w_ih), b, w_hh, h0, c0, valid, rmask, False)
+    layer = jax.custom_vjp(_primal(cfg))
 
     def fwd(w_ih, w_hh, b, xs, h0, c0, valid, rmask):
-        ys, h_t, c_t, acts, cs, *hs = _forward(cfg, projection(xs, w_ih), b, w_hh, h0, c0, valid, rmask, True)
-        hs = hs[0] if hs else ys  # without lengths the carried h is the output
-        return (ys, h_t, c_t), (w_ih, w_hh, xs, h0, c0, valid, rmask, hs, acts, cs)
+        outs, (hs, acts, cs) = _forward_with_residuals(cfg, w_ih, w_hh, b, xs, h0, c0, valid, rmask)
+        return outs, (w_ih, w_hh, xs, h0, c0, valid, rmask, hs, acts, cs)
 
     def bwd(residuals, cotangents):
         w_ih, w_hh, xs, h0, c0, valid, rmask, hs, acts, cs = residuals
+        (dh0, dc0, d_rmask), (d_w_ih, d_w_hh, d_b, d_xs) = _backward_block(
+            cfg, w_ih, w_hh, xs, h0, c0, valid, rmask, hs, acts, cs, *cotangents)
+        return d_w_ih, d_w_hh, d_b, d_xs, dh0, dc0, None, d_rmask
+
+    layer.defvjp(fwd, bwd)
+    return layer
+
+
+@functools.lru_cache(maxsize=None)
+def _layer_remat_fn(cfg: _Config, chunk: int):
+    """:func:`_layer_fn` keeping only the state at every ``chunk``-th step for the backward
+    pass, as ``_layer.layer_fused(remat_chunk=chunk)``: the forward runs the kernel once per
+    chunk (no residuals); the backward, over the chunks in reverse, reruns each chunk's
+    forward kernel saving its residuals, then its backward kernel, and accumulates the weight
+    gradients (one GEMM each per chunk). T is padded to a multiple of ``chunk`` with invalid
+    steps, which carry the state unchanged."""
+    chunk_cfg = cfg.with_steps(chunk)
+    layer = jax.custom_vjp(_primal(cfg))
+    as_float = lambda v: None if v is None else v.astype(jnp.float32)  # noqa: E731
+
+    def fwd(w_ih, w_hh, b, xs, h0, c0, valid, rmask):
+        xs_c, valid_c, steps = _layer._chunked(xs, valid, chunk)
+        valid_c = as_float(valid_c)
+
+        def body(state, inputs):
+            x_k, v_k = inputs
+            ys, h, c = _forward(chunk_cfg, _projection(cfg, x_k, w_ih), b, w_hh, *state, v_k, rmask, False)
+            return (h, c), (ys, state)  # keep the state at the chunk's start
+
+        (h_t, c_t), (ys, starts) = jax.lax.scan(body, (h0, c0), (xs_c, valid_c))
+        ys = ys.reshape((-1,) + ys.shape[2:])[:steps]
+        return (ys, h_t, c_t), (w_ih, w_hh, b, xs_c, valid_c, rmask, starts)
+
+    def bwd(residuals, cotangents):
+        w_ih, w_hh, b, xs_c, valid_c, rmask, (h_starts, c_starts) = residuals
         d_ys, d_h_t, d_c_t = cotangents
-        extra = ([] if valid is None else [valid]) + ([] if rmask is None else [rmask, hs, h0])
-        dz, dh0, dc0, *d_rmask = _backward_call(cfg, valid is not None, rmask is not None)(
-            d_ys, acts, cs, c0, w_hh.T.astype(cfg.mm), d_h_t, d_c_t, *extra)
-        h_prev = jnp.concatenate([h0[None], hs[:-1]], axis=0)
-        d_w_ih, d_w_hh, d_b, d_xs = _layer._param_and_input_grads(xs, w_ih, h_prev, dz, rmask, matmul_dtype)
-        return d_w_ih, d_w_hh, d_b, d_xs, dh0, dc0, None, (d_rmask[0] if d_rmask else None)
+        steps = d_ys.shape[0]
+        d_ys_c = _layer._pad_time(d_ys, xs_c.shape[0] * chunk - steps).reshape(xs_c.shape[:2] + d_ys.shape[1:])
+
+        def body(carry, inputs):
+            (dh, dc, d_rmask), (g_ih, g_hh, g_b) = carry
+            x_k, v_k, dy_k, h_k, c_k = inputs
+            _, (hs, acts, cs) = _forward_with_residuals(chunk_cfg, w_ih, w_hh, b, x_k, h_k, c_k, v_k, rmask)
+            (dh, dc, d_rmask_k), (d_w_ih, d_w_hh, d_b, d_x) = _backward_block(
+                chunk_cfg, w_ih, w_hh, x_k, h_k, c_k, v_k, rmask, hs, acts, cs, dy_k, dh, dc)
+            if rmask is not None:
+                d_rmask = d_rmask + d_rmask_k
+            return ((dh, dc, d_rmask), (g_ih + d_w_ih, g_hh + d_w_hh, g_b + d_b)), d_x
+
+        d_rmask = None if rmask is None else jnp.zeros_like(rmask)
+        zero_grads = (jnp.zeros_like(w_ih), jnp.zeros_like(w_hh), jnp.zeros_like(b))
+        ((dh0, dc0, d_rmask), (d_w_ih, d_w_hh, d_b)), d_xs = jax.lax.scan(
+            body, ((d_h_t, d_c_t, d_rmask), zero_grads), (xs_c, valid_c, d_ys_c, h_starts, c_starts), reverse=True)
+        d_xs = d_xs.reshape((-1,) + d_xs.shape[2:])[:steps]
+        return d_w_ih, d_w_hh, d_b, d_xs, dh0, dc0, None, d_rmask
 
     layer.defvjp(fwd, bwd)
     return layer
@@ -360,7 +438,7 @@ def _tiled(steps, batch, hidden, batch_tile, hold_weights, matmul_dtype, num_war
 
 
 def lstm_layer(w_ih, w_hh, b, xs, h0, c0, valid=None, rmask=None, *, batch_tile=16, hold_weights=False,
-               matmul_dtype=None, num_warps=4, block=None, interpret=False):
+               matmul_dtype=None, num_warps=4, block=None, remat_chunk=None, interpret=False):
     """One LSTM layer over a time-major sequence: the forward and backward recurrences each one
     Pallas kernel. Differentiable (reverse mode) in every argument.
 
@@ -376,18 +454,26 @@ def lstm_layer(w_ih, w_hh, b, xs, h0, c0, valid=None, rmask=None, *, batch_tile=
         and state. ``None``: float32.
       num_warps: Triton warps per program.
       block: the column block C of the dots, ``[tile, C] x [C, C]`` (a power of two, 16 to H;
-        default :func:`default_block`). interpret: run in Pallas's interpreter.
+        default :func:`default_block`).
+      remat_chunk: keep only every ``remat_chunk``-th state for the backward pass and recompute
+        each chunk of steps (one forward and one backward kernel launch per chunk) when it is
+        differentiated, as the library's option; ``None``: keep every step's residuals.
+      interpret: run in Pallas's interpreter.
 
     Returns:
       ``(ys [T, B, H], h_T [B, H], c_T [B, H])``, what ``_layer.layer_fused`` returns.
     """
+    if remat_chunk is not None and (isinstance(remat_chunk, bool) or not isinstance(remat_chunk, int)
+                                    or remat_chunk < 1):
+        raise ValueError(f"remat_chunk: expected None or a positive int, got {remat_chunk!r}")
     steps, batch, hidden = _validate(w_ih, w_hh, b, xs, h0, c0, valid, rmask)
     cfg, padded = _tiled(steps, batch, hidden, batch_tile, hold_weights, matmul_dtype, num_warps, interpret, block)
     # Padded rows: invalid (the state stays), mask 0; sliced off below, their gradients too.
     valid = None if valid is None else _fit_batch(valid.astype(jnp.float32), 1, padded)
     rmask = None if rmask is None else _fit_batch(rmask, 0, padded)
-    ys, h_t, c_t = _layer_fn(cfg)(w_ih, w_hh, b, _fit_batch(xs, 1, padded), _fit_batch(h0, 0, padded),
-                                  _fit_batch(c0, 0, padded), valid, rmask)
+    layer = _layer_fn(cfg) if remat_chunk is None else _layer_remat_fn(cfg, remat_chunk)
+    ys, h_t, c_t = layer(w_ih, w_hh, b, _fit_batch(xs, 1, padded), _fit_batch(h0, 0, padded),
+                         _fit_batch(c0, 0, padded), valid, rmask)
     return _fit_batch(ys, 1, batch), _fit_batch(h_t, 0, batch), _fit_batch(c_t, 0, batch)
 
 

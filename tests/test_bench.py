@@ -455,23 +455,30 @@ def test_pallas_lstm_equals_the_librarys_loop(steps, batch, hidden, batch_tile, 
         np.testing.assert_allclose(np.asarray(g), np.asarray(want), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("steps,batch,inputs,hidden,block,batch_tile,hold,bf16,lengths,dropout", [
-    (1, 16, 3, 16, 16, 16, False, False, False, False),
-    (6, 20, 5, 16, 16, 16, False, False, True, False),  # batch padded to 32: the last program mostly padding
-    (4, 32, 1, 32, 16, 16, True, False, False, True),  # 2 x 2 column blocks per gate
-    (5, 24, 2, 16, 16, 16, False, False, True, True),
-    (3, 16, 4, 16, 16, 16, True, True, False, False),
-    (2, 40, 2, 32, 32, 32, False, True, True, True),
-    (3, 16, 3, 64, 16, 16, False, False, True, True),  # 4 x 4 blocks
+@pytest.mark.parametrize("steps,batch,inputs,hidden,block,batch_tile,hold,bf16,lengths,dropout,remat", [
+    (1, 16, 3, 16, 16, 16, False, False, False, False, None),
+    (6, 20, 5, 16, 16, 16, False, False, True, False, None),  # batch padded to 32: the last program mostly padding
+    (4, 32, 1, 32, 16, 16, True, False, False, True, None),  # 2 x 2 column blocks per gate
+    (5, 24, 2, 16, 16, 16, False, False, True, True, None),
+    (3, 16, 4, 16, 16, 16, True, True, False, False, None),
+    (2, 40, 2, 32, 32, 32, False, True, True, True, None),
+    (3, 16, 3, 64, 16, 16, False, False, True, True, None),  # 4 x 4 blocks
+    # remat_chunk: T a multiple of the chunk; not (padded with invalid steps); lengths and
+    # dropout across chunks; a chunk of 1 and one longer than T; bfloat16.
+    (6, 16, 3, 16, 16, 16, False, False, False, False, 2),
+    (7, 20, 2, 32, 16, 16, True, False, True, True, 3),
+    (5, 16, 2, 16, 16, 16, False, False, False, True, 1),
+    (3, 16, 2, 16, 16, 16, False, False, True, False, 4),
+    (5, 16, 3, 16, 16, 16, False, True, True, True, 2),
 ])
 def test_pallas_layer_values_and_gradients_equal_the_librarys(steps, batch, inputs, hidden, block, batch_tile, hold,
-                                                              bf16, lengths, dropout):
+                                                              bf16, lengths, dropout, remat):
     """bench/pallas_lstm.py's layer (forward and backward kernels, in Pallas's interpreter)
     against the library's autodiff reference ``layer_scan``: outputs, and the gradients of
     every argument (the recurrent dropout mask's too) under cotangents on all three outputs,
-    with lengths from 0 to T. With bfloat16 operands, against the library's ``layer_fused``
-    with the same ``matmul_dtype``: the same roundings (autodiff through ``layer_scan`` rounds
-    its backward's operands elsewhere)."""
+    with lengths from 0 to T, without and with ``remat_chunk``. With bfloat16 operands,
+    against the library's ``layer_fused`` with the same ``matmul_dtype``: the same roundings
+    (autodiff through ``layer_scan`` rounds its backward's operands elsewhere)."""
     import jax
     import jax.numpy as jnp
 
@@ -503,7 +510,8 @@ def test_pallas_layer_values_and_gradients_equal_the_librarys(steps, batch, inpu
         return jax.jit(lambda *a: (run(*a), jax.grad(loss, argnums=tuple(range(len(a))))(*a)))
 
     got, got_grads = with_loss(lambda *a: pallas_lstm.lstm_layer(*a, batch_tile=batch_tile, hold_weights=hold,
-                                                                 matmul_dtype=mm, block=block, interpret=True))(*args)
+                                                                 matmul_dtype=mm, block=block, remat_chunk=remat,
+                                                                 interpret=True))(*args)
     reference = _layer.layer_fused if bf16 else _layer.layer_scan
     want, want_grads = with_loss(lambda *a: reference(*a, matmul_dtype=mm))(*args)
     def close(g, w, name):
@@ -590,6 +598,9 @@ def test_pallas_layer_rejects_bad_input():
         pallas_lstm.lstm_layer(w_ih, w_hh, b, xs, h, h, batch_tile=8)
     with pytest.raises(ValueError, match="block"):
         pallas_lstm.lstm_layer(w_ih, w_hh, b, xs, h, h, block=32)  # more than H
+    for chunk in (0, 2.0, True):
+        with pytest.raises(ValueError, match="remat_chunk: expected None or a positive int"):
+            pallas_lstm.lstm_layer(w_ih, w_hh, b, xs, h, h, remat_chunk=chunk)
 
 
 def test_pallas_lstm_lowers_to_triton_for_cuda():
@@ -614,11 +625,14 @@ def test_pallas_lstm_lowers_to_triton_for_cuda():
     layer_args = (jnp.zeros((8, 128)), jnp.zeros((32, 128)), jnp.zeros(128), jnp.zeros((3, 32, 8)),
                   jnp.zeros((32, 32)), jnp.zeros((32, 32)))
     valid, rmask = jnp.ones((3, 32), bool), jnp.ones((32, 32))
-    for hold, mm, extra in ((False, None, ()), (True, jnp.bfloat16, ()), (False, None, (valid, rmask))):
-        def loss(*a, hold=hold, mm=mm, extra=extra):
-            ys, h_t, c_t = pallas_lstm.lstm_layer(*a, *extra, hold_weights=hold, matmul_dtype=mm)
+    # remat_chunk: the forward kernel in the forward's loop over chunks, the forward kernel
+    # saving residuals and the backward kernel in the backward's (three in the module).
+    for hold, mm, extra, remat, calls in ((False, None, (), None, 2), (True, jnp.bfloat16, (), None, 2),
+                                          (False, None, (valid, rmask), None, 2), (False, None, (valid, rmask), 2, 3)):
+        def loss(*a, hold=hold, mm=mm, extra=extra, remat=remat):
+            ys, h_t, c_t = pallas_lstm.lstm_layer(*a, *extra, hold_weights=hold, matmul_dtype=mm, remat_chunk=remat)
             return jnp.sum(ys) + jnp.sum(h_t) + jnp.sum(c_t)
-        assert cross_lower(jax.value_and_grad(loss, argnums=tuple(range(6))), *layer_args) == 2
+        assert cross_lower(jax.value_and_grad(loss, argnums=tuple(range(6))), *layer_args) == calls
 
 
 @pytest.mark.parametrize("hidden,batch_tile,match", [(12, 16, "hidden"), (8, 16, "hidden"), (16, 8, "batch_tile"),
