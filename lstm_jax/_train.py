@@ -16,7 +16,9 @@ exactly as :func:`lstm_jax.data.to_sequences` does) or as floating-point sequenc
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import functools
 import math
 import os
@@ -485,6 +487,46 @@ def check_workdir(workdir: os.PathLike | str) -> Path:
     return path
 
 
+LOCK_FILE = ".lock"
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: Path):
+    """Holds an exclusive lock on ``workdir`` (``fcntl.flock`` on ``WORKDIR/.lock``, which
+    records the holder's pid) for the duration, so that two training runs cannot write the
+    same checkpoints and metrics. The lock goes with the process, also when it is killed.
+
+    Raises:
+      ConfigError: another process holds it. Where the file system or platform has no
+        ``flock`` (Windows, some network file systems), runs without a lock.
+    """
+    try:
+        import fcntl
+    except ImportError:  # not POSIX
+        yield
+        return
+    with open(workdir / LOCK_FILE, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                yield  # no locking on this file system
+                return
+            f.seek(0)
+            holder = f.read().strip()
+            raise ConfigError(f"--workdir {str(workdir)!r} is in use by another training run"
+                              f"{f' (pid {holder})' if holder.isdigit() else ''}; wait for it to finish or use "
+                              "another --workdir") from None
+        try:
+            f.seek(0)
+            f.truncate()
+            f.write(f"{os.getpid()}\n")
+            f.flush()
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 @dataclasses.dataclass
 class RunResult:
     """What :func:`train_and_evaluate` returns."""
@@ -540,18 +582,25 @@ def train_and_evaluate(
       use_bar: force the tqdm bar on/off (default: when ``stream`` is a terminal).
 
     Raises:
-      ConfigError: bad configuration or work directory, missing/incompatible checkpoint.
+      ConfigError: bad configuration; a work directory that cannot be used (not writable, or
+        in use by another run); missing/incompatible checkpoint.
       lstm_jax.data.DataError: missing or malformed data.
       NonFiniteLossError: the loss became NaN/inf (the last good checkpoint is kept).
     """
+    config.validate()
+    workdir = check_workdir(workdir)
+    with workdir_lock(workdir):
+        return _train_and_evaluate(config, workdir, resume=resume, overwrite=overwrite, requested=requested,
+                                   stream=stream if stream is not None else sys.stdout, use_bar=use_bar)
+
+
+def _train_and_evaluate(config, workdir, *, resume, overwrite, requested, stream, use_bar) -> RunResult:
+    """:func:`train_and_evaluate` in a checked and locked ``workdir``."""
     from lstm_jax import data
     from lstm_jax._checkpoint import CHECKPOINT_DIR, Checkpoints, has_checkpoints
     from lstm_jax._classifier import init_classifier
     from lstm_jax._metrics import CURVES_FILE, METRICS_FILE, Progress, plot_curves, read_metrics, write_metrics
 
-    stream = stream if stream is not None else sys.stdout
-    config.validate()
-    workdir = check_workdir(workdir)
     ckpt_dir = workdir / CHECKPOINT_DIR
     metrics_path = workdir / METRICS_FILE
     curves_path = workdir / CURVES_FILE

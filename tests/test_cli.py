@@ -390,6 +390,19 @@ def test_existing_checkpoints_need_resume_or_overwrite(tiny_run, tmp_mod, idx_di
     assert "test accuracy" in r.stdout
 
 
+def test_a_workdir_in_use_by_another_run_is_refused(tiny_run, tmp_mod):
+    """Two runs must not write one workdir's checkpoints and metrics: while a process holds
+    the workdir's lock (this test, as a running training would), a second run exits 2 naming
+    the holder's pid; once it is released, the same command runs."""
+    from lstm_jax import _train
+
+    with _train.workdir_lock(tiny_run):
+        r = run(TRAIN, "--workdir", tiny_run, "--resume", tmp=tmp_mod)
+        assert_one_line_error(r, 2, rf"in use by another training run \(pid {os.getpid()}\)")
+    r = run(TRAIN, "--workdir", tiny_run, "--resume", tmp=tmp_mod)
+    assert r.returncode == 0, r.stderr[-2000:]
+
+
 def test_overwrite_starts_over(tiny_run, tmp_path, idx_dir):
     workdir = tmp_path / "w"
     shutil.copytree(tiny_run, workdir)

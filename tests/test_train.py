@@ -195,3 +195,17 @@ def test_resume_config_rejects_architecture_changes():
         _train.resume_config(stored, {"hidden": 64})
     with pytest.raises(_train.ConfigError, match="--dataset"):
         _train.resume_config(stored, {"dataset": "fashion_mnist"})
+
+
+def test_workdir_lock_is_exclusive_and_released(tmp_path):
+    """flock locks belong to an open file, so a second acquisition in this process conflicts
+    as another process's would."""
+    import os
+
+    with _train.workdir_lock(tmp_path):
+        assert (tmp_path / _train.LOCK_FILE).read_text().strip() == str(os.getpid())
+        with pytest.raises(_train.ConfigError, match=rf"in use by another training run \(pid {os.getpid()}\)"):
+            with _train.workdir_lock(tmp_path):
+                pass
+    with _train.workdir_lock(tmp_path):  # released: free again
+        pass
