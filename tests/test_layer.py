@@ -168,3 +168,40 @@ def test_cpu_batch_pad_crosses_the_threshold_only_when_cheap():
     assert _stack._cpu_batch_pad(128, 128, jnp.float64, None) == 0  # another kernel, not measured
     assert _stack._cpu_batch_pad(128, 128, jnp.float32, jnp.bfloat16) == 0
     assert _stack._cpu_batch_pad(0, 128, jnp.float32, None) == 0
+
+
+@pytest.mark.parametrize("impl", ["fused", "scan"])
+def test_lstm_composes_with_vmap(impl):
+    """Users vmap the stack: over an ensemble of parameters (with per-member dropout keys),
+    and over examples for per-example gradients (the custom VJP and the scan under a batching
+    transform). Each equals the same computation done member by member."""
+    key = jax.random.key(3)
+    members = 3
+    params = jax.vmap(lambda k: lj.init_lstm(k, input_size=5, hidden_size=8, num_layers=2))(
+        jax.random.split(key, members))
+    xs = jax.random.normal(jax.random.key(4), (4, 6, 5))
+    lengths = jnp.array([6, 3, 0, 5])
+    drop_keys = jax.random.split(jax.random.key(5), members)
+    member = lambda i: jax.tree.map(lambda a: a[i], params)  # noqa: E731
+
+    def run(p, k):
+        return lj.lstm(p, xs, lengths=lengths, dropout=0.3, recurrent_dropout=0.2, key=k, impl=impl)
+
+    got = jax.jit(jax.vmap(run))(params, drop_keys)
+    run_one = jax.jit(run)
+    for i in range(members):
+        want = run_one(member(i), drop_keys[i])
+        for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+            np.testing.assert_allclose(np.asarray(g[i]), np.asarray(w), rtol=1e-6, atol=1e-6)
+
+    def loss(p, x, length):
+        ys, state = lj.lstm(p, x[None], lengths=length[None], impl=impl)
+        return jnp.sum(ys ** 2) + jnp.sum(state[-1].c)
+
+    per_example = jax.jit(jax.vmap(jax.grad(loss), in_axes=(None, 0, 0)))(member(0), xs, lengths)
+    grad_one = jax.jit(jax.grad(loss))
+    for b in range(xs.shape[0]):
+        want = grad_one(member(0), xs[b], lengths[b])
+        for g, w in zip(jax.tree.leaves(per_example), jax.tree.leaves(want), strict=True):
+            assert np.abs(np.asarray(w)).max() > 0 or lengths[b] == 0
+            np.testing.assert_allclose(np.asarray(g[b]), np.asarray(w), rtol=1e-5, atol=1e-6)
