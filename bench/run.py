@@ -647,6 +647,7 @@ def markdown(report: dict) -> str:
         f"- precision: {report['precision']}; timed steps per implementation: {report['steps_note']}; "
         f"times are medians [IQR] in ms; '% floor' = GEMM-floor time / measured time.",
         f"- memory (MiB): {report['memory_note']}",
+        f"- host allocator (the whole process, every implementation): {report.get('allocator', 'default')}",
         "",
         "## Ratios (lstm_jax median / peer median; < 1 means lstm_jax is faster)",
         "",
@@ -771,6 +772,9 @@ def parse_args(argv=None):
     ap.add_argument("--precision", choices=("float32", "tf32"), default="float32",
                     help="GPU matmul precision for every implementation (default float32: no TF32). No effect on CPU.")
     ap.add_argument("--note", help="a label written at the top of the results (e.g. 'preliminary: loaded machine')")
+    ap.add_argument("--retain-freed-memory", action="store_true",
+                    help="call lstm_jax.retain_freed_memory() first, for the whole process and every implementation "
+                         "alike: freed memory is reused, not page-faulted in again at each step (default: glibc as it is)")
     args = ap.parse_args(argv)
     names = args.configs.split(",") if args.configs else list(QUICK_CONFIGS if args.quick else CONFIGS)
     names = [n.strip() for n in names if n.strip()]
@@ -797,6 +801,12 @@ def steps_for(name: str, args) -> int:
 def main(argv=None) -> int:
     args = parse_args(argv)
     t0 = time.perf_counter()
+    # Before anything starts JAX's or torch's threads (see lstm_jax/_memory.py).
+    import lstm_jax
+
+    allocator = "default" if not args.retain_freed_memory else (
+        "lstm_jax.retain_freed_memory() (one malloc arena, no mmap, no trim below 2 GiB)"
+        if lstm_jax.retain_freed_memory() else "default (retain_freed_memory: not glibc)")
     # What is imported now is what gets timed: record the checkout's state now, not at the end.
     git_start = git_info()
     load_start = os.getloadavg() if hasattr(os, "getloadavg") else None
@@ -870,6 +880,7 @@ def main(argv=None) -> int:
         "versions": versions(),
         "git": git_start,
         "precision": args.precision if env.on_gpu else "float32 (CPU)",
+        "allocator": allocator,
         "lstm_jax_unroll": args.unroll,
         "steps_note": ", ".join(sorted({f"{n}: {steps_for(n, args)}" for n in args.config_names})),
         "memory_note": ("GPU: torch.cuda.max_memory_allocated per phase; JAX impls: XLA's compiled memory analysis "

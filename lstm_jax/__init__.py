@@ -7,6 +7,7 @@ from lstm_jax._cell import lstm_cell
 from lstm_jax._classifier import ClassifierParams, classify, init_classifier
 from lstm_jax._dropout import make_dropout_masks
 from lstm_jax._init import init_lstm, zero_state
+from lstm_jax._memory import retain_freed_memory
 from lstm_jax._stack import lstm
 from lstm_jax._torch import from_torch, to_torch
 from lstm_jax._train import (
@@ -40,6 +41,7 @@ __all__ = [
     "make_dropout_masks",
     "make_optimizer",
     "make_train_step",
+    "retain_freed_memory",
     "to_torch",
     "train_and_evaluate",
     "zero_state",

@@ -109,6 +109,11 @@ def main(argv=None) -> int:
     parser.error = lambda message: _fail(message)  # type: ignore[method-assign]
     args = parser.parse_args(argv)
 
+    import lstm_jax
+
+    # Before JAX starts its threads: each training step reuses the memory of the last one
+    # instead of page-faulting it in again (lstm_jax/_memory.py).
+    lstm_jax.retain_freed_memory()
     from lstm_jax import data
     from lstm_jax._train import (ConfigError, NonFiniteLossError, TrainConfig, enable_compilation_cache,
                                  train_and_evaluate)

@@ -154,6 +154,9 @@ def test_metadata_and_outputs(quick_run):
         assert f"## {name}:" in text
     assert "| lstm_jax_fused |" in text and "Ratios" in text
     assert "| lstm_jax_fused |" in stdout  # the table is printed too
+    # The host allocator every implementation ran under (default unless --retain-freed-memory).
+    assert report["allocator"] == "default"
+    assert "host allocator (the whole process, every implementation): default" in text
 
 
 def test_peak_gemm_and_targets_are_reported(quick_run):
