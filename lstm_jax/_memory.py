@@ -1,8 +1,8 @@
 """Host memory: keep what XLA:CPU frees, so that the next step does not fault it back in.
 
 XLA:CPU allocates one temporary buffer per execution of a compiled program (the training
-step's saved activations, gradients and scratch: 687 MiB for a 784-step, 128-unit layer
-at batch 128) and frees it when the execution ends. glibc's ``malloc`` serves an allocation
+step's saved activations, gradients and scratch: 726 MB for a 784-step, 128-unit layer at
+batch 128) and frees it when the execution ends. glibc's ``malloc`` serves an allocation
 that large with a fresh ``mmap`` and returns it with ``munmap``, so every step touches
 hundreds of MiB of new pages: 177,000 page faults per step in that example (each one a
 kernel entry and a zeroed 4 KiB page), about 1.5 µs each on the 2-core VM of
