@@ -368,11 +368,11 @@ def _layer_remat_fn(cfg: _Config, chunk: int):
     steps, which carry the state unchanged."""
     chunk_cfg = cfg.with_steps(chunk)
     layer = jax.custom_vjp(_primal(cfg))
-    as_float = lambda v: None if v is None else v.astype(jnp.float32)  # noqa: E731
 
     def fwd(w_ih, w_hh, b, xs, h0, c0, valid, rmask):
         xs_c, valid_c, steps = _layer._chunked(xs, valid, chunk)
-        valid_c = as_float(valid_c)
+        if valid_c is not None:  # bool where _chunked made it for the padding; the kernels take float
+            valid_c = valid_c.astype(jnp.float32)
 
         def body(state, inputs):
             x_k, v_k = inputs

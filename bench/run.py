@@ -801,12 +801,14 @@ def steps_for(name: str, args) -> int:
 def main(argv=None) -> int:
     args = parse_args(argv)
     t0 = time.perf_counter()
-    # Before anything starts JAX's or torch's threads (see lstm_jax/_memory.py).
-    import lstm_jax
+    allocator = "default"
+    if args.retain_freed_memory:
+        import lstm_jax  # before anything starts JAX's or torch's threads (lstm_jax/_memory.py)
 
-    allocator = "default" if not args.retain_freed_memory else (
-        "lstm_jax.retain_freed_memory() (one malloc arena, no mmap, no trim below 2 GiB)"
-        if lstm_jax.retain_freed_memory() else "default (retain_freed_memory: not glibc)")
+        if lstm_jax.retain_freed_memory():
+            allocator = "lstm_jax.retain_freed_memory() (one malloc arena, no mmap, no trim below 2 GiB)"
+        else:
+            allocator = "default (retain_freed_memory: not glibc)"
     # What is imported now is what gets timed: record the checkout's state now, not at the end.
     git_start = git_info()
     load_start = os.getloadavg() if hasattr(os, "getloadavg") else None

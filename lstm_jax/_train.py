@@ -502,29 +502,25 @@ def workdir_lock(workdir: Path):
     """
     try:
         import fcntl
-    except ImportError:  # not POSIX
+    except ImportError:  # not POSIX: no lock
+        fcntl = None
+    with open(workdir / LOCK_FILE, "a+") as f:  # closing it releases the lock
+        if fcntl is not None:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    f.seek(0)
+                    holder = f.read().strip()
+                    raise ConfigError(f"--workdir {str(workdir)!r} is in use by another training run"
+                                      f"{f' (pid {holder})' if holder.isdigit() else ''}; wait for it to finish "
+                                      "or use another --workdir") from None
+                # Any other error: this file system has no flock; run without a lock.
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()}\n")
+        f.flush()
         yield
-        return
-    with open(workdir / LOCK_FILE, "a+") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                yield  # no locking on this file system
-                return
-            f.seek(0)
-            holder = f.read().strip()
-            raise ConfigError(f"--workdir {str(workdir)!r} is in use by another training run"
-                              f"{f' (pid {holder})' if holder.isdigit() else ''}; wait for it to finish or use "
-                              "another --workdir") from None
-        try:
-            f.seek(0)
-            f.truncate()
-            f.write(f"{os.getpid()}\n")
-            f.flush()
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 @dataclasses.dataclass
