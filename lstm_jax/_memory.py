@@ -10,9 +10,10 @@ kernel entry and a zeroed 4 KiB page), about 1.5 µs each on the 2-core VM of
 
 :func:`retain_freed_memory` asks glibc to serve every allocation from its heap (one arena,
 no ``mmap``) and to give freed memory back to the operating system only beyond 2 GiB free at
-the heap's top. After the first step the buffer is reused, and the faults are gone. The
-cost: the process keeps (up to 2 GiB above) its peak memory until it exits. It changes the allocator of the whole process (every library in it
-benefits alike), so it is an explicit call, not a side effect of ``import lstm_jax``.
+the heap's top. After the first steps the buffer is reused on most steps, without faults. The
+cost: the process keeps (up to 2 GiB above) its peak memory until it exits. It changes the
+allocator of the whole process (every library in it benefits alike), so it is an explicit
+call, not a side effect of ``import lstm_jax``.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """lstm_jax.retain_freed_memory: XLA:CPU's per-execution temporary buffer stops costing page
-faults. Measured in fresh processes (the setting is process-wide): minor page faults of the
-last calls of a jitted function whose temporary buffers are 128 MiB."""
+faults. Measured in fresh processes (the setting is process-wide): minor page faults of 24
+calls of a jitted function whose temporary buffers are 128 MiB."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ f = jax.jit(f)
 x = jnp.ones((128, 2048))
 f(x).block_until_ready()
 faults = []
-for _ in range(8):
+for _ in range(24):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     f(x).block_until_ready()
     faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
@@ -51,6 +51,9 @@ def test_retained_memory_is_reused_without_page_faults():
     assert min(default["faults"][-3:]) > pages // 2, default
     retained = _probe("retain")
     assert retained["applied"] is True
-    # Once the heap has grown to hold the buffer (a few calls: an aligned block does not
-    # always fit the hole the last one left), it is reused: (almost) no new pages.
-    assert max(retained["faults"][-3:]) < pages // 20, retained
+    # With it, the buffer is mostly reused: most calls fault (almost) no new page. Not every
+    # one: an aligned block does not always fit the hole the last one left, and glibc then
+    # grows the heap (2 to 7 of 24 calls re-faulted the whole buffer in 5 runs here).
+    full = [n for n in retained["faults"] if n > pages // 2]
+    assert len(full) < len(retained["faults"]) // 2, retained
+    assert sum(n < pages // 20 for n in retained["faults"]) > len(retained["faults"]) // 2, retained
