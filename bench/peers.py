@@ -16,8 +16,9 @@ learning rate 1e-3 -- and exposes:
 
 ``JaxImpl`` serves lstm_jax (fused and scan; the Pallas candidate of ``pallas_lstm.py``), Flax
 and ``jax.experimental.rnn`` (cuDNN);
-``TorchImpl`` serves ``torch.nn.LSTM``. ``measure_gemm_jax`` / ``measure_gemm_torch`` time
-the matmul floor: the LSTM's per-step GEMMs, one after the other.
+``TorchImpl`` serves ``torch.nn.LSTM``. ``gemm_chain_jax`` / ``gemm_chain_torch`` run the
+matmul floor: the LSTM's per-step GEMMs, one after the other (``bench/run.py`` times them
+interleaved with the implementations).
 """
 
 from __future__ import annotations
@@ -532,9 +533,10 @@ def gemm_operands(shape: Shape, seed: int):
     return ops
 
 
-def measure_gemm_jax(shape: Shape, reps: int, seed: int) -> list[float]:
-    """Seconds for T dependent ``[B, I_l+H] x [I_l+H, 4H]`` matmuls per layer, all layers:
-    exactly the LSTM forward's matmul FLOPs, one ``lax.scan`` per layer, jitted."""
+def gemm_chain_jax(shape: Shape, seed: int) -> Callable[[], object]:
+    """A compiled, warmed-up call running T dependent ``[B, I_l+H] x [I_l+H, 4H]`` matmuls per
+    layer, all layers (exactly the LSTM forward's matmul FLOPs, one ``lax.scan`` per layer,
+    jitted) and blocking until they are done."""
     import jax
     import jax.numpy as jnp
 
@@ -553,20 +555,17 @@ def measure_gemm_jax(shape: Shape, reps: int, seed: int) -> list[float]:
         return outs
 
     f = jax.jit(chain)
-    jax.block_until_ready(f(ops))  # compile + warm up
-    return time_reps(lambda: jax.block_until_ready(f(ops)), reps)
+    run = lambda: jax.block_until_ready(f(ops))  # noqa: E731
+    run()  # compile + warm up
+    return run
 
 
-def measure_gemm_torch(shape: Shape, reps: int, seed: int, device: str) -> list[float]:
-    """The same chain of matmuls in eager PyTorch (``torch.mm``)."""
+def gemm_chain_torch(shape: Shape, seed: int, device: str) -> Callable[[], object]:
+    """The same chain of matmuls in eager PyTorch (``torch.mm``), warmed up."""
     import torch
 
     dev = torch.device(device)
     ops = [(torch.from_numpy(x).to(dev), torch.from_numpy(w).to(dev)) for x, w in gemm_operands(shape, seed)]
-
-    def sync():
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
 
     def chain():
         with torch.inference_mode():
@@ -574,10 +573,11 @@ def measure_gemm_torch(shape: Shape, reps: int, seed: int, device: str) -> list[
                 k = x.shape[1]
                 for _ in range(shape.steps):
                     x = torch.mm(x, w)[:, :k]
-        sync()
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
 
     chain()  # warm up
-    return time_reps(chain, reps)
+    return chain
 
 
 PEAK_GEMM_CPU = (1024, 512, 1024)  # M, K, N: at the peak of 2 cores here (~130 ms per chain)

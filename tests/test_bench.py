@@ -84,8 +84,11 @@ def test_every_peer_ran_in_every_quick_config(quick_run):
                     assert comp["total_s"] <= e[f"{phase}_first_result_s"]
             assert math.isfinite(e["first_loss"])
         assert all(_positive_finite(v) for v in c["flops"].values())
+        # The floor's chains were timed in both phases' rounds, min(steps, 2 * rounds) calls each.
+        chain_calls = 2 * min(c["timed_steps"], 2 * report["method"]["rounds"])
         for lib in ("jax", "torch"):
             assert _positive_finite(c["gemm"][lib]["gflops"]), f"{name}: GEMM {lib}: {c['gemm'][lib]}"
+            assert c["gemm"][lib]["n"] == chain_calls, f"{name}: GEMM {lib}: {c['gemm'][lib]}"
         assert all(_positive_finite(c["floor"][k]) for k in ("gflops", "forward_s", "train_s"))
 
 
@@ -194,6 +197,23 @@ def _config(train_flops, medians, ratios, layers=3, steps=28, first=None, compil
         results["lstm_jax_fused"]["train_compile"] = {"total_s": compile_s}
     return {"shape": {"batch": 128, "steps": steps, "inputs": 28, "hidden": 256, "layers": layers},
             "flops": {"train": train_flops}, "results": results, "ratios": {"train": ratios}}
+
+
+def test_interleaved_spreads_each_names_steps_over_the_rounds():
+    run = _load_bench_module("run")
+    calls = []
+    fns = {n: (lambda k, n=n: calls.append((n, k))) for n in ("a", "b", "chain")}
+    times = run.interleaved(fns, {"a": 7, "b": 7, "chain": 4}, 3, {})
+    assert {n: len(t) for n, t in times.items()} == {"a": 7, "b": 7, "chain": 4}
+    # Rounds of blocks (a: 3, 2, 2; chain: 2, 1, 1), the first name rotating: a b chain | b chain a | chain a b.
+    names = [n for n, _ in calls]
+    assert names == ["a"] * 3 + ["b"] * 3 + ["chain"] * 2 + ["b"] * 2 + ["chain"] + ["a"] * 2 + ["chain"] + ["a"] * 2 + ["b"] * 2
+    assert [k for n, k in calls if n == "chain"] == [1, 2, 3, 4]
+    # An int gives every name the same steps, as before; a failing name is dropped and recorded.
+    errors = {}
+    fail = lambda k: 1 / 0  # noqa: E731
+    times = run.interleaved({"a": fns["a"], "bad": fail}, 5, 5, errors)
+    assert list(times) == ["a"] and len(times["a"]) == 5 and "ZeroDivisionError" in errors["bad"]
 
 
 def test_targets_bounds_follow_from_the_peak_rate():
