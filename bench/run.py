@@ -344,8 +344,9 @@ def run_config(env: Env, name: str, shape: Shape, steps: int, args) -> dict:
             entries[impl_name] = {"status": "ok"}
     # The matmul floor: the forward's GEMMs as a dependent chain, in JAX and in PyTorch, timed
     # in the implementations' rounds of both phases, like them in blocks of consecutive calls
-    # (2 per round). Timed apart, after the implementations, the chain once caught the machine
-    # in a slower spell than they had, and the tutorial's floor fraction read 0.84, not ~0.76.
+    # (2 per round). Timed apart, after the implementations, the tutorial's chain ran at 69.1
+    # GFLOP/s in one idle run and 60.5 in the next: the floor then measured the machine at
+    # another moment than the implementations it is compared with.
     chains, gemm = gemm_chains(env, shape)
     chain_steps = min(steps, 2 * args.rounds)
     chain_times: dict = {lib: [] for lib in chains}
