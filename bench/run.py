@@ -281,9 +281,9 @@ def run_phase(impls: dict, phase: str, steps: int, rounds: int, warmup: int, ent
     implementation; fills ``entries[name][phase]``. A failing implementation is marked as
     an error and removed from ``impls``.
 
-    ``chains`` (name -> a warmed-up call, see :func:`gemm_chains`) are timed ``chain_steps``
+    ``chains`` (library -> a warmed-up call, see :func:`gemm_chains`) are timed ``chain_steps``
     times each in the same rounds, so that the GEMM floor sees the machine as the
-    implementations do. Returns their times (``{name: [s, ...]}``; a failure as a string).
+    implementations do. Returns their times (``{library: [s, ...]}``; a failure as a string).
     """
     errors: dict = {}
     for name, impl in impls.items():
@@ -299,9 +299,9 @@ def run_phase(impls: dict, phase: str, steps: int, rounds: int, warmup: int, ent
             errors[name] = f"{type(e).__name__}: {e}"
     fns = {n: getattr(i, f"{phase}_step") for n, i in impls.items() if n not in errors}
     steps_by_name = dict.fromkeys(fns, steps)
-    for name, chain in (chains or {}).items():
-        fns[name] = lambda _k, chain=chain: chain()
-        steps_by_name[name] = chain_steps
+    for lib, chain in (chains or {}).items():
+        fns[f"gemm_{lib}"] = lambda _k, chain=chain: chain()
+        steps_by_name[f"gemm_{lib}"] = chain_steps
     times = interleaved(fns, steps_by_name, rounds, errors)
     for name, impl in impls.items():
         if name in errors:
@@ -312,7 +312,7 @@ def run_phase(impls: dict, phase: str, steps: int, rounds: int, warmup: int, ent
             impl.record_peak(phase)
     for name in errors:
         impls.pop(name, None)
-    return {name: errors.get(name, times.get(name)) for name in chains or {}}
+    return {lib: errors.get(f"gemm_{lib}", times.get(f"gemm_{lib}")) for lib in chains or {}}
 
 
 def gemm_chains(env: Env, shape: Shape) -> tuple[dict, dict]:
@@ -351,13 +351,11 @@ def run_config(env: Env, name: str, shape: Shape, steps: int, args) -> dict:
     chain_steps = min(steps, 2 * args.rounds)
     chain_times: dict = {lib: [] for lib in chains}
     for phase in ("train", "infer"):
-        got = run_phase(impls, phase, steps, args.rounds, args.warmup, entries,
-                        {f"gemm_{lib}": c for lib, c in chains.items() if lib not in gemm}, chain_steps)
-        for lib in chains:
-            t = got.get(f"gemm_{lib}")
-            if isinstance(t, str):
+        for lib, t in run_phase(impls, phase, steps, args.rounds, args.warmup, entries, chains, chain_steps).items():
+            if isinstance(t, str):  # a failed chain is not timed again
                 gemm[lib] = error_entry(t)
-            elif t is not None:
+                del chains[lib], chain_times[lib]
+            else:
                 chain_times[lib] += t
     del chains
     for impl_name, impl in impls.items():
@@ -372,9 +370,8 @@ def run_config(env: Env, name: str, shape: Shape, steps: int, args) -> dict:
 
     flops_fwd, flops_train = shape.forward_flops(), shape.train_flops()
     for lib, t in chain_times.items():
-        if lib not in gemm:
-            st = stats(t)
-            gemm[lib] = {**st, "gflops": flops_fwd / st["median_s"] / 1e9}
+        st = stats(t)
+        gemm[lib] = {**st, "gflops": flops_fwd / st["median_s"] / 1e9}
     rates = [g["gflops"] for g in gemm.values() if "gflops" in g]
     floor = None
     if rates:
