@@ -79,7 +79,8 @@ SWEEPS = {
     "hidden": ("H", lambda s: (s.batch, s.steps, s.inputs, s.layers) == (128, 28, 28, 1), lambda s: s.hidden),
 }
 # lstm_jax_bf16: the fused layer with bfloat16 matmul operands (float32 accumulation, gate math
-# and cell state), timed where there are bfloat16 matrix units (GPU/TPU); skipped on CPU.
+# and cell state), timed where there are bfloat16 matrix units: GPU/TPU, and CPUs with AMX-BF16
+# or AVX512-BF16 instructions (cpu_bf16_matmul_flags); skipped on other CPUs.
 # lstm_jax_pallas: the model with bench/pallas_lstm.py's kernels (one Triton launch per layer
 # and direction), the persistent-kernel candidate; GPU only.
 SUBJECTS = ("lstm_jax_fused", "lstm_jax_scan", "lstm_jax_bf16", "lstm_jax_pallas")
@@ -106,6 +107,26 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine() or "unknown"
+
+
+# x86 CPU flags for bfloat16 dot products in hardware: AMX tiles (Sapphire Rapids and later) and
+# AVX512-BF16 (Cooper Lake, Zen 4). XLA:CPU's dots use them; on other CPUs bfloat16 operands are
+# converted to float32 and gain nothing.
+CPU_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
+
+
+def cpu_bf16_matmul_flags(cpuinfo: str | None = None) -> list[str]:
+    """The bfloat16 matmul instruction sets among this CPU's flags (``/proc/cpuinfo``)."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return []
+    for line in cpuinfo.splitlines():
+        if line.lower().startswith("flags"):
+            flags = set(line.split(":", 1)[1].split())
+            return [f for f in CPU_BF16_FLAGS if f in flags]
+    return []
 
 
 def _slug(text: str) -> str:
@@ -246,8 +267,9 @@ class Env:
         """Builds one implementation, or returns a ``{"status": "skipped"|"error"}`` entry."""
         try:
             if name == "lstm_jax_bf16":
-                if self.platform == "cpu":
-                    return {"status": "skipped", "reason": "GPU/TPU only (bfloat16 matmul units)"}
+                if self.platform == "cpu" and not cpu_bf16_matmul_flags():
+                    return {"status": "skipped",
+                            "reason": "GPU/TPU or a CPU with AMX-BF16/AVX512-BF16 only (bfloat16 matmul units)"}
                 import jax.numpy as jnp
 
                 return peers.make_lstm_jax(shape, data, weights, "fused", self.unroll, matmul_dtype=jnp.bfloat16,
@@ -678,7 +700,8 @@ def markdown(report: dict) -> str:
         lines += [f"**Warning: {report['load_warning']}**", ""]
     lines += [
         f"- date: {report['date']}; command: `{report['command']}`",
-        f"- platform: {report['platform']}; CPU: {m['cpu_model']}, {m['cpu_count']} cores (os.cpu_count); "
+        f"- platform: {report['platform']}; CPU: {m['cpu_model']}, {m['cpu_count']} cores (os.cpu_count), "
+        f"bfloat16 matmul instructions: {', '.join(m.get('cpu_bf16_matmul') or []) or 'none'}; "
         f"torch threads: {(report.get('torch') or {}).get('torch_num_threads')}; "
         f"load average at start/end: {m['loadavg_start']} / {m['loadavg_end']}",
         "- versions: " + ", ".join(f"{k} {v[k]}" for k in v),
@@ -912,7 +935,8 @@ def main(argv=None) -> int:
         "quick": args.quick,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join([Path(sys.executable).name, "bench/run.py", *(argv if argv is not None else sys.argv[1:])]),
-        "machine": {"cpu_model": cpu_model(), "cpu_count": ncpu, "jax_device": str(env.jax_device),
+        "machine": {"cpu_model": cpu_model(), "cpu_count": ncpu, "cpu_bf16_matmul": cpu_bf16_matmul_flags(),
+                    "jax_device": str(env.jax_device),
                     "jax_device_kind": getattr(env.jax_device, "device_kind", None),
                     "loadavg_start": [round(x, 2) for x in load_start] if load_start else None,
                     "loadavg_end": [round(x, 2) for x in load_end] if load_end else None,

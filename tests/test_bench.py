@@ -103,6 +103,34 @@ def test_gpu_only_impls_are_skipped_on_cpu_and_run_on_gpu(quick_run, impl):
             assert e["status"] == "ok", f"{name}: {e}"
 
 
+def test_bf16_subject_runs_where_there_are_bfloat16_matmul_units(quick_run):
+    """lstm_jax_bf16 is timed on a GPU/TPU and on a CPU with AMX-BF16/AVX512-BF16, skipped on
+    other CPUs; where it ran, its first loss is within bfloat16's tolerance of float32's."""
+    report, _, _ = quick_run
+    run = _load_bench_module("run")
+    has_units = report["platform"] != "cpu" or bool(run.cpu_bf16_matmul_flags())
+    assert report["machine"]["cpu_bf16_matmul"] == run.cpu_bf16_matmul_flags()
+    for name, c in report["configs"].items():
+        e = c["results"]["lstm_jax_bf16"]
+        if not has_units:
+            assert e["status"] == "skipped" and "AMX-BF16" in e["reason"], f"{name}: {e}"
+            continue
+        assert e["status"] == "ok", f"{name}: {e}"
+        assert all(_positive_finite(e[phase]["median_s"]) for phase in ("train", "infer"))
+        assert c["first_loss_check"]["bf16"]["ok"], f"{name}: {c['first_loss_check']}"
+
+
+def test_cpu_bf16_matmul_flags_reads_the_flags_line():
+    run = _load_bench_module("run")
+    amx = "processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16 amx_tile amx_bf16 amx_int8\n"
+    assert run.cpu_bf16_matmul_flags(amx) == ["amx_bf16", "avx512_bf16"]
+    zen4 = "flags : fpu avx512f avx512_bf16 avx512_vnni\n"
+    assert run.cpu_bf16_matmul_flags(zen4) == ["avx512_bf16"]
+    # Zen 1 (the EPYC of bench/results): AVX2 only. "bf16" as part of another word is no flag.
+    assert run.cpu_bf16_matmul_flags("flags : fpu avx2 fma not_avx512_bf16x\n") == []
+    assert run.cpu_bf16_matmul_flags("model name : ARM\n") == []
+
+
 def test_ratios_are_ratios_of_the_reported_medians(quick_run):
     report, _, _ = quick_run
     for name, c in report["configs"].items():
@@ -273,7 +301,7 @@ def test_targets_bounds_follow_from_the_peak_rate():
 
 
 def test_bf16_subject_builds_and_tracks_float32():
-    """The GPU-only lstm_jax_bf16 subject, built on CPU: same model, bfloat16 matmul operands."""
+    """The lstm_jax_bf16 subject, built on any CPU: same model, bfloat16 matmul operands."""
     _require_peers()
     sys.path.insert(0, str(ROOT / "bench"))
     try:
