@@ -116,6 +116,7 @@ def classify(
     forget_bias: float = 1.0,
     impl: Literal["fused", "scan"] = "fused",
     unroll: int = 1,
+    matmul_dtype=None,
 ) -> jax.Array:
     """Class logits of batch-first sequences.
 
@@ -133,6 +134,9 @@ def classify(
       forget_bias: added to the forget gates' pre-activation.
       impl: ``"fused"`` or ``"scan"`` (see :func:`lstm`).
       unroll: timesteps per scan iteration.
+      matmul_dtype: None, or ``jnp.bfloat16`` for the LSTM's matmuls with bfloat16 operands
+        and float32 accumulation (see :func:`lstm`); the softmax layer stays in the
+        parameters' dtype.
 
     Returns:
       logits ``[B, C]`` (unnormalised; apply ``jax.nn.log_softmax`` for log-probabilities).
@@ -156,7 +160,7 @@ def classify(
                                  f"one step), got values in [{lo}, {hi}]")
     ys, _ = lstm(params.lstm, xs, lengths=lengths, forget_bias=forget_bias, dropout=dropout,
                  recurrent_dropout=recurrent_dropout, variational=variational, key=key,
-                 unroll=unroll, impl=impl)
+                 unroll=unroll, impl=impl, matmul_dtype=matmul_dtype)
     if lengths is None:
         last = ys[:, -1, :]
     else:

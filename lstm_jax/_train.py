@@ -37,6 +37,10 @@ from lstm_jax import _checks
 from lstm_jax._classifier import ClassifierParams, check_classifier_params, classify
 
 SCHEDULES = ("constant", "cosine", "warmup_cosine", "linear")
+# --matmul-dtype: the LSTM's matmul operands (None: the parameters' float32). bfloat16 pays on
+# bfloat16 matrix units (GPU, TPU, CPUs with AMX-BF16/AVX512-BF16); the weights, the optimiser
+# state, the gate math and the cell state stay float32 either way, so a run may switch on resume.
+MATMUL_DTYPES = {"float32": None, "bfloat16": jnp.bfloat16}
 
 
 class TrainState(NamedTuple):
@@ -215,6 +219,7 @@ def make_train_step(
     forget_bias: float = 1.0,
     impl: Literal["fused", "scan"] = "fused",
     unroll: int = 1,
+    matmul_dtype=None,
     donate: bool = True,
 ):
     """Builds the training step, jitted once.
@@ -223,7 +228,8 @@ def make_train_step(
       optimizer: the optax optimizer whose state is in ``TrainState.opt_state``.
       dropout: output-dropout rate of every LSTM layer (1 - keep probability; 0.5 in the
         tutorials).
-      recurrent_dropout, variational, forget_bias, impl, unroll: see :func:`classify`.
+      recurrent_dropout, variational, forget_bias, impl, unroll, matmul_dtype: see
+        :func:`classify`.
       donate: donate the input state's buffers (``donate_argnums=(0,)``); the state passed
         in must not be used again.
 
@@ -252,7 +258,7 @@ def make_train_step(
         def loss_fn(params):
             logits = classify(params, xs, dropout=dropout, recurrent_dropout=recurrent_dropout,
                               variational=variational, key=dropout_key, forget_bias=forget_bias,
-                              impl=impl, unroll=unroll)
+                              impl=impl, unroll=unroll, matmul_dtype=matmul_dtype)
             m = loss_and_metrics(logits, labels)
             return m["loss_sum"] / m["count"], m
 
@@ -267,9 +273,10 @@ def make_train_step(
     return jitted
 
 
-@functools.partial(jax.jit, static_argnames=("forget_bias", "impl", "unroll"))
-def _eval_batch(params, images, labels, weights, *, forget_bias, impl, unroll):
-    logits = classify(params, as_sequences(images), forget_bias=forget_bias, impl=impl, unroll=unroll)
+@functools.partial(jax.jit, static_argnames=("forget_bias", "impl", "unroll", "matmul_dtype"))
+def _eval_batch(params, images, labels, weights, *, forget_bias, impl, unroll, matmul_dtype):
+    logits = classify(params, as_sequences(images), forget_bias=forget_bias, impl=impl, unroll=unroll,
+                      matmul_dtype=matmul_dtype)
     return loss_and_metrics(logits, labels, weights), jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
 
@@ -282,6 +289,7 @@ def evaluate(
     forget_bias: float = 1.0,
     impl: Literal["fused", "scan"] = "fused",
     unroll: int = 1,
+    matmul_dtype=None,
     return_predictions: bool = False,
 ) -> dict:
     """Loss and accuracy of ``params`` over a whole split, without dropout or randomness.
@@ -297,7 +305,7 @@ def evaluate(
       batch_size: examples per forward pass; every batch (including a last partial one,
         or a split smaller than ``batch_size``) is padded to this size so that each size
         compiles once.
-      forget_bias, impl, unroll: as in training (see :func:`classify`).
+      forget_bias, impl, unroll, matmul_dtype: as in training (see :func:`classify`).
       return_predictions: also return the predicted class of every example.
 
     Returns:
@@ -311,6 +319,12 @@ def evaluate(
     if n == 0:
         raise ValueError("images: expected at least one example, got 0")
     forget_bias = float(forget_bias)
+    if matmul_dtype is not None:  # a hashable static argument of the jitted batch
+        try:
+            matmul_dtype = jnp.dtype(matmul_dtype)
+        except TypeError:
+            raise TypeError(f"matmul_dtype: expected None or a floating dtype such as jnp.bfloat16, "
+                            f"got {matmul_dtype!r}") from None
     images = np.asarray(images)
     labels = np.asarray(labels).astype(np.int32)
     # Every batch is padded to ``batch_size`` rows: one compilation for every split.
@@ -325,7 +339,8 @@ def evaluate(
             x = np.concatenate([x, np.zeros((pad,) + x.shape[1:], x.dtype)])
             y = np.concatenate([y, np.zeros((pad,), np.int32)])
             w = np.concatenate([w, np.zeros((pad,), np.float32)])
-        m, p = _eval_batch(params, x, y, w, forget_bias=forget_bias, impl=impl, unroll=unroll)
+        m, p = _eval_batch(params, x, y, w, forget_bias=forget_bias, impl=impl, unroll=unroll,
+                           matmul_dtype=matmul_dtype)
         totals = m if totals is None else jax.tree.map(jnp.add, totals, m)
         if return_predictions:
             preds.append(p[: stop - start])
@@ -378,6 +393,7 @@ class TrainConfig:
     recurrent_dropout: float = 0.0
     variational: bool = False
     forget_bias: float = 1.0
+    matmul_dtype: str = "float32"
     seed: int = 0
     eval_every: int = 500
     checkpoint_every: int = 500
@@ -441,6 +457,8 @@ class TrainConfig:
         if isinstance(self.forget_bias, bool) or not isinstance(self.forget_bias, (int, float)) \
                 or not math.isfinite(self.forget_bias):
             raise ConfigError(f"--forget-bias must be a finite number, got {self.forget_bias!r}")
+        if self.matmul_dtype not in MATMUL_DTYPES:
+            raise ConfigError(f"--matmul-dtype must be one of {', '.join(MATMUL_DTYPES)}, got {self.matmul_dtype!r}")
         if self.schedule not in SCHEDULES:
             raise ConfigError(f"--schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
         if self.warmup_steps is not None:
@@ -663,13 +681,16 @@ def _train_and_evaluate(config, workdir, *, resume, overwrite, requested, stream
         write_metrics(metrics_path, records)
     start_step = int(state.step)
 
+    matmul_dtype = MATMUL_DTYPES[config.matmul_dtype]
     train_step = make_train_step(optimizer, dropout=config.dropout, recurrent_dropout=config.recurrent_dropout,
-                                 variational=config.variational, forget_bias=config.forget_bias)
+                                 variational=config.variational, forget_bias=config.forget_bias,
+                                 matmul_dtype=matmul_dtype)
     schedule_fn = make_schedule(config.lr, config.steps, config.schedule, warmup_steps=config.warmup_steps)
-    eval_kw = dict(batch_size=config.eval_batch_size, forget_bias=config.forget_bias)
+    eval_kw = dict(batch_size=config.eval_batch_size, forget_bias=config.forget_bias, matmul_dtype=matmul_dtype)
     has_val = len(splits.val_images) > 0
     title = (f"{config.dataset} {config.layers}x{config.hidden} LSTM, batch {config.batch_size}, "
-             f"lr {config.lr:g} ({config.schedule}), dropout {config.dropout:g}")
+             f"lr {config.lr:g} ({config.schedule}), dropout {config.dropout:g}"
+             + (f", {config.matmul_dtype} matmuls" if matmul_dtype is not None else ""))
 
     def meta_for(step, wall):
         return {"config": config.to_dict(), "seed": config.seed, "step": int(step),

@@ -56,7 +56,8 @@ def main(argv=None) -> int:
 
     from lstm_jax import data
     from lstm_jax._metrics import plot_errors
-    from lstm_jax._train import ConfigError, confusion_matrix, enable_compilation_cache, evaluate, restore_run
+    from lstm_jax._train import (MATMUL_DTYPES, ConfigError, confusion_matrix, enable_compilation_cache, evaluate,
+                                 restore_run)
 
     enable_compilation_cache()
 
@@ -68,7 +69,8 @@ def main(argv=None) -> int:
         _fail(str(e))
 
     result = evaluate(state.params, splits.test_images, splits.test_labels, batch_size=args.batch_size,
-                      forget_bias=config.forget_bias, return_predictions=True)
+                      forget_bias=config.forget_bias, matmul_dtype=MATMUL_DTYPES.get(config.matmul_dtype),
+                      return_predictions=True)
     preds = result["predictions"]
     cm = confusion_matrix(splits.test_labels, preds, data.NUM_CLASSES)
     names = CLASS_NAMES.get(config.dataset, [str(i) for i in range(data.NUM_CLASSES)])

@@ -58,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("training")
     g.add_argument("--batch-size", type=int, default=d.batch_size, help="training batch size")
     g.add_argument("--steps", type=int, default=d.steps, help="training steps (batches)")
+    g.add_argument("--matmul-dtype", choices=["float32", "bfloat16"], default=d.matmul_dtype,
+                   help="the LSTM's matmul operands: bfloat16 (float32 accumulation, float32 weights, gates and "
+                        "cell state) is faster on bfloat16 matrix units: GPU, TPU, CPUs with AMX-BF16/AVX512-BF16")
     g.add_argument("--epochs", type=float, default=d.epochs, help="train this many epochs (of the training split) instead of --steps")
     g.add_argument("--lr", type=float, default=d.lr, help="peak Adam learning rate")
     g.add_argument("--schedule", choices=SCHEDULES, default=d.schedule, help="learning-rate schedule")

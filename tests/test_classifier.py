@@ -100,6 +100,16 @@ def test_scan_and_fused_agree(params, xs):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
+def test_bfloat16_matmuls_reach_the_lstm(params, xs):
+    got = lj.classify(params, xs, matmul_dtype=jnp.bfloat16)
+    ys, _ = lj.lstm(params.lstm, xs, matmul_dtype=jnp.bfloat16)
+    np.testing.assert_allclose(got, ys[:, -1] @ params.w_out + params.b_out, rtol=1e-6, atol=1e-6)
+    f32 = lj.classify(params, xs)
+    assert got.dtype == f32.dtype == jnp.float32
+    assert not np.array_equal(got, f32)
+    np.testing.assert_allclose(got, f32, atol=5e-2 * float(jnp.abs(f32).max()))
+
+
 def test_dropout_on_the_head_input(params, xs):
     key = jax.random.PRNGKey(3)
     clean = lj.classify(params, xs)

@@ -274,6 +274,7 @@ BAD_FLAGS = [
     (["--seed", "-1"], r"--seed"),
     (["--layers", "two"], r"--layers"),
     (["--dataset", "cifar10"], r"--dataset"),
+    (["--matmul-dtype", "float16"], r"--matmul-dtype"),
     (["--no-such-flag"], r"unrecognized"),
     (["--resume", "--overwrite"], r"--overwrite"),
 ]
@@ -413,6 +414,24 @@ def test_overwrite_starts_over(tiny_run, tmp_path, idx_dir):
     assert [rec["step"] for rec in records] == [2, 4]
     leaves, config, step = _params_of(workdir)
     assert config.seed == 1 and step == 4
+
+
+def test_bfloat16_matmuls_train_resume_in_float32_and_evaluate(tmp_path, idx_dir):
+    """--matmul-dtype bfloat16 is stored in the checkpoint's config and used by the run and by
+    evaluate.py; a run may switch it on resume (the weights are float32 either way)."""
+    workdir = tmp_path / "w"
+    args = (*TINY, "--data-dir", idx_dir, "--eval-every", "2", "--checkpoint-every", "2", "--workdir", workdir)
+    r = run(TRAIN, *args, "--steps", "2", "--matmul-dtype", "bfloat16", tmp=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    leaves, config, step = _params_of(workdir)
+    assert config.matmul_dtype == "bfloat16" and step == 2
+    assert all(leaf.dtype.name == "float32" for leaf in leaves if leaf.dtype.kind == "f")
+    r = run(EVALUATE, "--workdir", workdir, tmp=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = run(TRAIN, "--workdir", workdir, "--resume", "--steps", "4", "--matmul-dtype", "float32", tmp=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    leaves, config, step = _params_of(workdir)
+    assert config.matmul_dtype == "float32" and step == 4
 
 
 def test_non_finite_loss_exits_1_naming_the_step(tmp_path, idx_dir):

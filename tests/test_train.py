@@ -169,6 +169,28 @@ def test_evaluate_rejects_bad_input():
         lj.evaluate(params.lstm, images, np.zeros(5, np.int32))
 
 
+def test_bfloat16_matmuls_in_the_train_step_and_evaluate():
+    """matmul_dtype=bfloat16 reaches the LSTM: the loss moves by about bfloat16's rounding of
+    the operands (8 significant bits), not more; the parameters and optimiser state stay float32."""
+    opt, state, images, labels = _small_setup(hidden=16)
+    ref_state = jax.tree.map(jnp.copy, state)
+    step32 = _train.make_train_step(opt, dropout=0.0, donate=False)
+    step16 = _train.make_train_step(opt, dropout=0.0, donate=False, matmul_dtype=jnp.bfloat16)
+    new32, m32 = step32(ref_state, images, labels)
+    new16, m16 = step16(state, images, labels)
+    loss32, loss16 = float(m32["loss"]), float(m16["loss"])
+    assert loss16 != loss32 and abs(loss16 - loss32) <= 2e-2 * abs(loss32)
+    assert all(a.dtype == b.dtype for a, b in zip(jax.tree.leaves(new16), jax.tree.leaves(new32)))
+    # evaluate: the same loss as the train step's forward pass (no dropout), per precision.
+    for matmul_dtype, loss in ((None, loss32), (jnp.bfloat16, loss16)):
+        got = lj.evaluate(state.params, images, labels, batch_size=16, matmul_dtype=matmul_dtype)
+        assert got["loss"] == pytest.approx(loss, rel=1e-5)
+    with pytest.raises(TypeError, match="matmul_dtype"):
+        lj.evaluate(state.params, images, labels, matmul_dtype="no-such-dtype")
+    with pytest.raises(TypeError, match="matmul_dtype"):
+        lj.evaluate(state.params, images, labels, matmul_dtype=jnp.int32)
+
+
 def test_confusion_matrix():
     cm = _train.confusion_matrix([0, 1, 1, 2], [0, 2, 1, 2], 3)
     np.testing.assert_array_equal(cm, [[1, 0, 0], [0, 1, 1], [0, 0, 1]])
@@ -179,7 +201,8 @@ def test_config_validation_names_the_flag():
     for field, value in (("layers", 0), ("hidden", -1), ("batch_size", 0), ("steps", 0), ("lr", -1.0),
                          ("lr", float("nan")), ("dropout", 1.5), ("dropout", 1.0), ("recurrent_dropout", -0.1),
                          ("clip_norm", 0.0), ("eval_every", 0), ("checkpoint_every", 0), ("val_size", -1),
-                         ("seed", -1), ("dataset", "cifar"), ("schedule", "step"), ("epochs", 0.0)):
+                         ("seed", -1), ("dataset", "cifar"), ("schedule", "step"), ("epochs", 0.0),
+                         ("matmul_dtype", "float16")):
         cfg = lj.TrainConfig(**{field: value})
         with pytest.raises(_train.ConfigError, match="--" + field.replace("_", "-")):
             cfg.validate()
