@@ -15,6 +15,13 @@ return the same values:
 In both, the input projection for every timestep is one ``[T*B, in] x [in, 4H]`` matmul
 outside the loop; the loop body does only ``h @ w_hh``, the bias add and the gate math.
 
+The fused path keeps its ``[T, B, 4H]`` residuals without allocating them anew: the forward
+writes step t's gate activations over the projected inputs of step t, and the backward
+writes ``dz_t`` over the activations of step t, each in a loop-carried buffer that XLA
+updates in place. (Stacked scan outputs are new buffers, zero-filled before the loop: on a
+2-core Xeon the pixel training step went from 0.68 to 0.53 s, the tutorial's from 173 to
+161 ms.)
+
 Rematerialisation (``remat_chunk=K``) for long sequences: only the state at every K-th step
 is kept for the backward pass, and each chunk of K steps is recomputed just before it is
 differentiated. ``layer_scan`` does this with ``jax.checkpoint`` around an inner scan over
@@ -75,31 +82,41 @@ def _forward_steps(xs, w_ih, b, w_hh, h0, c0, valid, rmask, unroll, save_residua
 
 def _recurrence(zx, b, w_hh, h0, c0, valid, rmask, unroll, save_residuals):
     """The loop of :func:`_forward_steps` over the projected inputs ``zx [T, B, 4H]`` (without
-    ``b``). Separate so that ``bench/persistent.py`` can time the loop alone."""
+    ``b``). Separate so that ``bench/persistent.py`` can time the loop alone.
 
-    def step(carry, inputs):
-        h, c = carry
-        zx_t, v_t = inputs
+    Saving residuals, step t writes its gate activations over ``zx[t]``, which it has just
+    read, in the loop-carried ``zx`` buffer: XLA updates that buffer in place, where a stacked
+    scan output would be a new ``[T, B, 4H]`` buffer zero-filled before the loop (the fill alone
+    took 8% of the pixel training step's kernel time).
+    """
+
+    def cell(h, c, zx_t, v_t):
         h_in = h if rmask is None else h * rmask
         acts = gate_activations(zx_t + _mm(h_in, w_hh, zx_t.dtype) + b)
         h_new, c_new, _ = cell_update(acts, c)
         if v_t is None:
-            y = h_new
-        else:
-            v = v_t[:, None]
-            y = jnp.where(v, h_new, jnp.zeros_like(h_new))
-            h_new = jnp.where(v, h_new, h)
-            c_new = jnp.where(v, c_new, c)
-        if not save_residuals:
-            return (h_new, c_new), y
-        # Without lengths the carried h is the output: emit one copy.
-        return (h_new, c_new), (y, acts, None if v_t is None else h_new, c_new)
+            return acts, h_new, c_new, h_new
+        v = v_t[:, None]
+        y = jnp.where(v, h_new, jnp.zeros_like(h_new))
+        return acts, jnp.where(v, h_new, h), jnp.where(v, c_new, c), y
 
-    (h_t, c_t), out = jax.lax.scan(step, (h0, c0), (zx, valid), unroll=unroll)
-    if save_residuals and valid is None:
-        ys, acts, _, cs = out
-        out = (ys, acts, ys, cs)
-    return (h_t, c_t), out
+    if not save_residuals:
+        def step(carry, inputs):
+            _, h_new, c_new, y = cell(*carry, *inputs)
+            return (h_new, c_new), y
+
+        return jax.lax.scan(step, (h0, c0), (zx, valid), unroll=unroll)
+
+    def step_saving(carry, v_t):
+        t, h, c, buf = carry
+        acts, h_new, c_new, y = cell(h, c, jax.lax.dynamic_index_in_dim(buf, t, keepdims=False), v_t)
+        buf = jax.lax.dynamic_update_index_in_dim(buf, acts, t, 0)
+        # Without lengths the carried h is the output: emit one copy.
+        return (t + 1, h_new, c_new, buf), (y, None if v_t is None else h_new, c_new)
+
+    (_, h_t, c_t, acts), (ys, hs, cs) = jax.lax.scan(
+        step_saving, (jnp.int32(0), h0, c0, zx), valid, length=zx.shape[0], unroll=unroll)
+    return (h_t, c_t), (ys, acts, ys if valid is None else hs, cs)
 
 
 def _backward_steps(w_hh_t, d_ys, acts, hs, cs, h0, c0, valid, rmask, carry, unroll):
@@ -114,8 +131,8 @@ def _backward_steps(w_hh_t, d_ys, acts, hs, cs, h0, c0, valid, rmask, carry, unr
     c_prev = jnp.concatenate([c0[None], cs], axis=0)[:-1]
 
     def step(carry, inputs):
-        dh, dc, d_rmask = carry
-        dy, a, cp, cn, hp, v_t = inputs
+        t, dh, dc, d_rmask, buf, a = carry
+        dy, cp, cn, hp, v_t = inputs
         dh_new = dy + dh
         dc_new = dc
         if v_t is not None:
@@ -134,6 +151,14 @@ def _backward_steps(w_hh_t, d_ys, acts, hs, cs, h0, c0, valid, rmask, carry, unr
             ],
             axis=-1,
         )
+        # dz_t overwrites acts[t] in the loop-carried buffer, updated in place, instead of a
+        # stacked scan output (a new [T, B, 4H] buffer, zero-filled before the loop). acts[t]
+        # itself came in the carry, read from the buffer by the previous step after its own
+        # write: every read of the buffer then follows every write by data dependency. (Read
+        # here instead, XLA may order one of its fused reads after the write, and then
+        # copies the whole buffer at every step.)
+        buf = jax.lax.dynamic_update_index_in_dim(buf, dz, t, 0)
+        a_next = jax.lax.dynamic_index_in_dim(buf, jnp.maximum(t - 1, 0), keepdims=False)
         dh_in = _mm(dz, w_hh_t, dz.dtype)
         if rmask is None:
             dh_prev = dh_in
@@ -145,16 +170,19 @@ def _backward_steps(w_hh_t, d_ys, acts, hs, cs, h0, c0, valid, rmask, carry, unr
             # Steps past a sequence's length passed the state through unchanged.
             dh_prev = dh_prev + jnp.where(v, jnp.zeros_like(dh), dh)
             dc_prev = dc_prev + jnp.where(v, jnp.zeros_like(dc), dc)
-        return (dh_prev, dc_prev, d_rmask), dz
+        return (t - 1, dh_prev, dc_prev, d_rmask, buf, a_next), None
 
-    carry, dz = jax.lax.scan(
+    dh, dc, d_rmask = carry
+    last = acts.shape[0] - 1
+    a_last = jax.lax.dynamic_index_in_dim(acts, max(last, 0), keepdims=False) if last >= 0 else None
+    (_, dh, dc, d_rmask, dz, _), _ = jax.lax.scan(
         step,
-        carry,
-        (d_ys, acts, c_prev, cs, h_prev if rmask is not None else None, valid),
+        (jnp.int32(last), dh, dc, d_rmask, acts, a_last),
+        (d_ys, c_prev, cs, h_prev if rmask is not None else None, valid),
         reverse=True,
         unroll=unroll,
     )
-    return carry, dz, h_prev
+    return (dh, dc, d_rmask), dz, h_prev
 
 
 def _param_and_input_grads(xs, w_ih, h_prev, dz, rmask, matmul_dtype):
