@@ -178,7 +178,9 @@ def test_cpu_batch_pad_crosses_the_threshold_only_when_cheap():
     {"remat_chunk": 5},
     {"remat_chunk": 5, "lengths": "ragged"},
     {"matmul_dtype": jnp.bfloat16},
-], ids=["plain", "lengths", "dropout", "remat", "remat-lengths", "bf16"])
+    {"unroll": 2},
+    {"unroll": 3, "lengths": "ragged"},
+], ids=["plain", "lengths", "dropout", "remat", "remat-lengths", "bf16", "unroll2", "unroll3-lengths"])
 def test_fused_gradient_updates_its_residual_buffer_in_place(kw):
     """The fused layer's loops write the gate activations over the projected inputs, and the
     backward's dz over the activations, in loop-carried buffers. Should XLA ever order a read
