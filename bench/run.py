@@ -232,6 +232,7 @@ class Env:
         self.jax_device = jax.devices()[0]
         self.platform = jax.default_backend()  # "cpu", "gpu"/"cuda", "rocm", "tpu"
         self.on_gpu = self.platform in ("gpu", "cuda", "rocm")
+        self.cpu_bf16_matmul = cpu_bf16_matmul_flags()
         self.precision = args.precision
         self.unroll = args.unroll
         self.torch_info = None
@@ -267,7 +268,7 @@ class Env:
         """Builds one implementation, or returns a ``{"status": "skipped"|"error"}`` entry."""
         try:
             if name == "lstm_jax_bf16":
-                if self.platform == "cpu" and not cpu_bf16_matmul_flags():
+                if self.platform == "cpu" and not self.cpu_bf16_matmul:
                     return {"status": "skipped",
                             "reason": "GPU/TPU or a CPU with AMX-BF16/AVX512-BF16 only (bfloat16 matmul units)"}
                 import jax.numpy as jnp
@@ -935,7 +936,7 @@ def main(argv=None) -> int:
         "quick": args.quick,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join([Path(sys.executable).name, "bench/run.py", *(argv if argv is not None else sys.argv[1:])]),
-        "machine": {"cpu_model": cpu_model(), "cpu_count": ncpu, "cpu_bf16_matmul": cpu_bf16_matmul_flags(),
+        "machine": {"cpu_model": cpu_model(), "cpu_count": ncpu, "cpu_bf16_matmul": env.cpu_bf16_matmul,
                     "jax_device": str(env.jax_device),
                     "jax_device_kind": getattr(env.jax_device, "device_kind", None),
                     "loadavg_start": [round(x, 2) for x in load_start] if load_start else None,
