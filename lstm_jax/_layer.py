@@ -14,6 +14,10 @@ return the same values:
 
 In both, the input projection for every timestep is one ``[T*B, in] x [in, 4H]`` matmul
 outside the loop; the loop body does only ``h @ w_hh``, the bias add and the gate math.
+The one exception is the fused layer's forward when nothing is differentiated (inference),
+with ``project_in_loop=True``: there each step computes ``x_t @ w_ih`` itself, which saves
+writing and reading back the ``[T, B, 4H]`` projection. :func:`lstm_jax.lstm` asks for it on
+CPU where it measured faster (``_stack._cpu_project_in_loop``); the values are the same.
 
 The fused path keeps its ``[T, B, 4H]`` residuals without allocating them anew: the forward
 writes step t's gate activations over the projected inputs of step t, and the backward
@@ -70,24 +74,35 @@ def _cast(w, matmul_dtype):
     return w if matmul_dtype is None else w.astype(matmul_dtype)
 
 
-def _forward_steps(xs, w_ih, b, w_hh, h0, c0, valid, rmask, unroll, save_residuals, matmul_dtype=None):
-    """The recurrence over ``xs [T, B, in]``, whose input projection is one matmul before the loop.
+def _forward_steps(xs, w_ih, b, w_hh, h0, c0, valid, rmask, unroll, save_residuals, matmul_dtype=None,
+                   project_in_loop=False):
+    """The recurrence over ``xs [T, B, in]``, whose input projection is one matmul before the
+    loop, or (``project_in_loop``, only without ``save_residuals``) one per step inside it.
 
     Returns ``((h_T, c_T), ys)``, or ``((h_T, c_T), (ys, acts, hs, cs))`` when saving what the
     backward pass needs (``hs``/``cs``: the carried state after each step).
     """
+    if project_in_loop:
+        if save_residuals:
+            raise ValueError("project_in_loop: the saved activations are written over the projected inputs")
+        w_ih = _cast(w_ih, matmul_dtype)
+        return _recurrence(xs, b, w_hh, h0, c0, valid, rmask, unroll, False,
+                           project=lambda x_t: _mm(x_t, w_ih, b.dtype))
     zx = _input_projection(xs, w_ih, b.dtype, matmul_dtype)
     return _recurrence(zx, b, w_hh, h0, c0, valid, rmask, unroll, save_residuals)
 
 
-def _recurrence(zx, b, w_hh, h0, c0, valid, rmask, unroll, save_residuals):
+def _recurrence(zx, b, w_hh, h0, c0, valid, rmask, unroll, save_residuals, project=None):
     """The loop of :func:`_forward_steps` over the projected inputs ``zx [T, B, 4H]`` (without
-    ``b``). Separate so that ``bench/persistent.py`` can time the loop alone. Saving residuals,
-    step t writes its gate activations over ``zx[t]``, just read, in place (module docstring).
+    ``b``), or over ``xs [T, B, in]`` projected at each step by ``project``. Separate so that
+    ``bench/persistent.py`` can time the loop alone. Saving residuals, step t writes its gate
+    activations over ``zx[t]``, just read, in place (module docstring).
     """
 
     def cell(h, c, zx_t, v_t):
         h_in = h if rmask is None else h * rmask
+        if project is not None:
+            zx_t = project(zx_t)
         acts = gate_activations(zx_t + _mm(h_in, w_hh, zx_t.dtype) + b)
         h_new, c_new, _ = cell_update(acts, c)
         if v_t is None:
@@ -248,20 +263,21 @@ def layer_scan(w_ih, w_hh, b, xs, h0, c0, valid=None, rmask=None, *, unroll=1, r
     return ys.reshape((-1,) + ys.shape[2:])[:time_steps], h_t, c_t
 
 
-def _primal_fn(unroll, matmul_dtype):
-    """The forward of the fused layer (shared by the stored and the remat variants)."""
+def _primal_fn(unroll, matmul_dtype, project_in_loop=False):
+    """The forward of the fused layer (shared by the stored and the remat variants), run as
+    it is only where nothing is differentiated."""
 
     def primal(w_ih, w_hh, b, xs, h0, c0, valid, rmask):
         (h_t, c_t), ys = _forward_steps(xs, w_ih, b, _cast(w_hh, matmul_dtype), h0, c0, valid, rmask, unroll, False,
-                                        matmul_dtype)
+                                        matmul_dtype, project_in_loop)
         return ys, h_t, c_t
 
     return primal
 
 
 @functools.lru_cache(maxsize=None)
-def _fused_fn(unroll, matmul_dtype):
-    fused = jax.custom_vjp(_primal_fn(unroll, matmul_dtype))
+def _fused_fn(unroll, matmul_dtype, project_in_loop=False):
+    fused = jax.custom_vjp(_primal_fn(unroll, matmul_dtype, project_in_loop))
 
     def fwd(w_ih, w_hh, b, xs, h0, c0, valid, rmask):
         (h_t, c_t), (ys, acts, hs, cs) = _forward_steps(xs, w_ih, b, _cast(w_hh, matmul_dtype), h0, c0, valid, rmask,
@@ -282,10 +298,10 @@ def _fused_fn(unroll, matmul_dtype):
 
 
 @functools.lru_cache(maxsize=None)
-def _fused_remat_fn(unroll, chunk, matmul_dtype):
+def _fused_remat_fn(unroll, chunk, matmul_dtype, project_in_loop=False):
     """The fused layer keeping only every ``chunk``-th state for the backward pass."""
 
-    fused = jax.custom_vjp(_primal_fn(unroll, matmul_dtype))
+    fused = jax.custom_vjp(_primal_fn(unroll, matmul_dtype, project_in_loop))
 
     def fwd(w_ih, w_hh, b, xs, h0, c0, valid, rmask):
         xs_c, valid_c, time_steps = _chunked(xs, valid, chunk)
@@ -332,10 +348,13 @@ def _fused_remat_fn(unroll, chunk, matmul_dtype):
 
 
 def layer_fused(w_ih, w_hh, b, xs, h0, c0, valid=None, rmask=None, *, unroll=1, remat_chunk=None,
-                matmul_dtype=None):
-    """Fast path with a hand-written VJP. See the module docstring for shapes."""
+                matmul_dtype=None, project_in_loop=False):
+    """Fast path with a hand-written VJP. See the module docstring for shapes.
+    ``project_in_loop``: where nothing is differentiated, project each step's input inside the
+    loop (the gradient's forward always projects before it)."""
     if matmul_dtype is not None:
         matmul_dtype = jnp.dtype(matmul_dtype)
-    fn = (_fused_fn(unroll, matmul_dtype) if remat_chunk is None
-          else _fused_remat_fn(unroll, remat_chunk, matmul_dtype))
+    project_in_loop = bool(project_in_loop)
+    fn = (_fused_fn(unroll, matmul_dtype, project_in_loop) if remat_chunk is None
+          else _fused_remat_fn(unroll, remat_chunk, matmul_dtype, project_in_loop))
     return fn(w_ih, w_hh, b, xs, h0, c0, valid, rmask)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import glob
 import os
 from typing import Literal, Optional
 
@@ -36,6 +38,57 @@ def _cpu_batch_pad(batch: int, hidden: int, dtype, matmul_dtype) -> int:
         return 0
     pad = _CPU_DOT_THREADS_MACS // macs_per_row + 1 - batch
     return pad if pad <= batch * _MAX_PAD_FRACTION else 0
+
+
+# Where the fused layer's inference forward projects its inputs (``project_in_loop``), by
+# measurement on XLA:CPU (2-vCPU Xeon, 2 MiB L2 per core; bench/results/cpu-Intel-Xeon-2c.md):
+# * a narrow input (in <= 8, e.g. pixel-by-pixel MNIST): in the loop, where x_t @ w_ih is a few
+#   multiply-adds per gate, instead of writing and reading back a [T, B, 4H] array (T=784,
+#   B=128, H=128: 187 -> 140 ms for in=1, 160 -> 138 ms for in=4);
+# * a wide input (in >= 64) at batch >= 64, when both weight matrices fit in one core's L2
+#   cache (then each step reads them from there): in the loop (tutorial's layers 2-3, H=256:
+#   B=128 41.5 -> 38.9 ms, B=1000 317 -> 270 ms). Weights that do not fit (H=384, H=512) and
+#   small batches (B <= 16: 4.9 -> 6.6 ms) were slower in the loop; in=16..28 no faster.
+_IN_LOOP_MAX_NARROW = 8
+_IN_LOOP_MIN_WIDE = 64
+_IN_LOOP_MIN_BATCH = 64
+
+
+@functools.lru_cache(maxsize=None)
+def _l2_cache_bytes() -> Optional[int]:
+    """One core's level-2 (data or unified) cache in bytes, from Linux's sysfs; None if unknown."""
+    for index in sorted(glob.glob("/sys/devices/system/cpu/cpu0/cache/index*")):
+        try:
+            with open(os.path.join(index, "level")) as f:
+                level = f.read().strip()
+            with open(os.path.join(index, "type")) as f:
+                kind = f.read().strip()
+            with open(os.path.join(index, "size")) as f:
+                size = f.read().strip()
+        except OSError:
+            continue
+        if level == "2" and kind in ("Data", "Unified"):
+            units = {"K": 2**10, "M": 2**20, "G": 2**30}
+            try:
+                return int(size[:-1]) * units[size[-1]] if size[-1] in units else int(size)
+            except ValueError:
+                return None
+    return None
+
+
+def _cpu_project_in_loop(batch: int, in_size: int, hidden: int, dtype, matmul_dtype,
+                         l2_bytes: Optional[int] = None) -> bool:
+    """Whether the fused layer's inference forward should project its input inside the loop
+    (see the measurements above). ``l2_bytes``: one core's L2 cache (default: this machine's)."""
+    if jax.default_backend() != "cpu" or matmul_dtype is not None:
+        return False
+    if in_size <= _IN_LOOP_MAX_NARROW:
+        return True
+    if in_size < _IN_LOOP_MIN_WIDE or batch < _IN_LOOP_MIN_BATCH:
+        return False
+    l2_bytes = _l2_cache_bytes() if l2_bytes is None else l2_bytes
+    weight_bytes = (in_size + hidden) * 4 * hidden * jnp.dtype(dtype).itemsize
+    return l2_bytes is not None and weight_bytes <= l2_bytes
 
 
 def _fit_batch(a, axis, rows, value=0):
@@ -189,9 +242,12 @@ def lstm(
         rows = batch + _cpu_batch_pad(batch, hidden, dtype, matmul_dtype)
         x = _fit_batch(x, 1, rows)
         rmask = None if rec_mask is None else _fit_batch(rec_mask.astype(dtype), 0, rows, 1)
+        extra = {}
+        if impl == "fused":
+            extra["project_in_loop"] = _cpu_project_in_loop(rows, x.shape[-1], hidden, dtype, matmul_dtype)
         ys, h_t, c_t = layer(p.w_ih, p.w_hh, fold_forget_bias(p.b, forget_bias), x, _fit_batch(state.h, 0, rows),
                              _fit_batch(state.c, 0, rows), _fit_batch(valid, 1, rows, False), rmask, unroll=unroll,
-                             remat_chunk=remat_chunk, matmul_dtype=matmul_dtype)
+                             remat_chunk=remat_chunk, matmul_dtype=matmul_dtype, **extra)
         if out_mask is not None:
             ys = ys * _fit_batch(jnp.swapaxes(out_mask.astype(dtype), 0, 1), 1, rows, 1)
         final_state.append(LSTMState(_fit_batch(h_t, 0, batch), _fit_batch(c_t, 0, batch)))

@@ -170,6 +170,86 @@ def test_cpu_batch_pad_crosses_the_threshold_only_when_cheap():
     assert _stack._cpu_batch_pad(0, 128, jnp.float32, None) == 0
 
 
+def _forward(params, xs, state, masks, lengths, **kw):
+    fn = jax.jit(lambda p, x, s, m, n: lj.lstm(p, x, initial_state=s, lengths=n, masks=m, **kw))
+    return fn(params, xs, state, masks, lengths)
+
+
+@pytest.mark.parametrize("features,batch,time_steps", [(1, 4, 9), (5, 1, 7), (3, 4, 2), (7, 3, 1)])
+@pytest.mark.parametrize("use_lengths,use_masks", [(False, False), (True, True)])
+@pytest.mark.parametrize("chunk", [None, 4])
+def test_fused_forward_projecting_in_the_loop_equals_the_scan_float64(monkeypatch, features, batch, time_steps,
+                                                                       use_lengths, use_masks, chunk):
+    """The inference forward that projects each step's input inside the loop (forced here on
+    every layer) computes the scan reference's outputs and final state; and differentiating
+    it (whose forward projects before the loop) still gives the reference's gradients."""
+    from lstm_jax import _stack
+
+    with jax.enable_x64(True):
+        params, xs, state, masks, lengths, w = _problem(jnp.float64, batch=batch, time_steps=time_steps,
+                                                        features=features)
+        lengths = jnp.minimum(lengths, time_steps) if use_lengths else None
+        masks = masks if use_masks else None
+        ref = _forward(params, xs, state, masks, lengths, impl="scan")
+        ref_val, ref_grads = _value_and_grads(params, xs, state, masks, lengths, w, impl="scan")
+        calls = []
+        monkeypatch.setattr(_stack, "_cpu_project_in_loop", lambda *a: calls.append(a) or True)
+        got = _forward(params, xs, state, masks, lengths, impl="fused", remat_chunk=chunk)
+        assert len(calls) == len(params)  # asked once per layer
+        for g, r in zip(jax.tree.leaves(got), jax.tree.leaves(ref)):
+            assert g.shape == r.shape
+            assert _rel_err(g, r) <= 1e-12
+        val, grads = _value_and_grads(params, xs, state, masks, lengths, w, impl="fused", remat_chunk=chunk)
+        assert _rel_err(val, ref_val) <= 1e-12
+        for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
+            assert _rel_err(g, r) <= 1e-12
+
+
+def test_fused_forward_in_the_loop_really_projects_there():
+    """With ``project_in_loop`` the compiled inference program holds no ``[T, B, 4H]`` array
+    (the hoisted projection's output); without it, it does."""
+    from lstm_jax import _layer
+
+    t, b, i, h = 11, 3, 5, 7
+    rng = np.random.default_rng(0)
+    w_ih, w_hh = jnp.asarray(rng.standard_normal((i, 4 * h)), jnp.float32), jnp.asarray(rng.standard_normal((h, 4 * h)), jnp.float32)
+    bias, xs = jnp.zeros(4 * h), jnp.asarray(rng.standard_normal((t, b, i)), jnp.float32)
+    h0 = jnp.zeros((b, h))
+
+    def hlo(in_loop):
+        fn = jax.jit(lambda *a: _layer.layer_fused(*a, project_in_loop=in_loop))
+        return fn.lower(w_ih, w_hh, bias, xs, h0, h0).compile().as_text()
+
+    projection = f"f32[{t},{b},{4 * h}]"
+    assert projection in hlo(False)
+    assert projection not in hlo(True)
+    # No steps: the initial state comes back.
+    ys, h_t, c_t = _layer.layer_fused(w_ih, w_hh, bias, xs[:0], h0 + 1, h0 + 2, project_in_loop=True)
+    assert ys.shape == (0, b, h) and float(jnp.min(h_t)) == 1 == float(jnp.max(h_t)) and float(jnp.min(c_t)) == 2
+
+
+def test_cpu_project_in_loop_follows_the_measured_rule():
+    from lstm_jax import _stack
+
+    l2 = _stack._l2_cache_bytes()
+    assert l2 is None or l2 > 0
+    f32 = jnp.float32
+    two_mib = 2 * 2**20
+    if jax.default_backend() != "cpu":
+        assert not _stack._cpu_project_in_loop(128, 1, 128, f32, None, two_mib)
+        return
+    assert _stack._cpu_project_in_loop(128, 1, 128, f32, None, two_mib)  # narrow input
+    assert _stack._cpu_project_in_loop(1, 8, 2048, f32, None, two_mib)  # narrow: any batch, any size
+    assert not _stack._cpu_project_in_loop(128, 9, 128, f32, None, two_mib)
+    assert not _stack._cpu_project_in_loop(128, 28, 256, f32, None, two_mib)  # K=28: no faster inside
+    assert _stack._cpu_project_in_loop(128, 256, 256, f32, None, two_mib)  # (256+256)*1024*4 B = 2 MiB
+    assert not _stack._cpu_project_in_loop(128, 256, 256, jnp.float64, None, two_mib)  # 4 MiB
+    assert not _stack._cpu_project_in_loop(128, 256, 256, f32, None, two_mib - 1)
+    assert not _stack._cpu_project_in_loop(63, 256, 256, f32, None, two_mib)  # small batch
+    assert not _stack._cpu_project_in_loop(128, 512, 512, f32, None, two_mib)  # weights beyond L2
+    assert not _stack._cpu_project_in_loop(128, 1, 128, f32, jnp.bfloat16, two_mib)  # not measured
+
+
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="inspects XLA:CPU's compiled program")
 @pytest.mark.parametrize("kw", [
     {},
