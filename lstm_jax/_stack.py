@@ -41,14 +41,15 @@ def _cpu_batch_pad(batch: int, hidden: int, dtype, matmul_dtype) -> int:
 
 
 # Where the fused layer's inference forward projects its inputs (``project_in_loop``), by
-# measurement on XLA:CPU (2-vCPU Xeon, 2 MiB L2 per core; bench/results/cpu-Intel-Xeon-2c.md):
-# * a narrow input (in <= 8, e.g. pixel-by-pixel MNIST): in the loop, where x_t @ w_ih is a few
-#   multiply-adds per gate, instead of writing and reading back a [T, B, 4H] array (T=784,
-#   B=128, H=128: 187 -> 140 ms for in=1, 160 -> 138 ms for in=4);
-# * a wide input (in >= 64) at batch >= 64, when both weight matrices fit in one core's L2
-#   cache (then each step reads them from there): in the loop (tutorial's layers 2-3, H=256:
-#   B=128 41.5 -> 38.9 ms, B=1000 317 -> 270 ms). Weights that do not fit (H=384, H=512) and
-#   small batches (B <= 16: 4.9 -> 6.6 ms) were slower in the loop; in=16..28 no faster.
+# measurement on XLA:CPU (2-vCPU Xeon, 2 MiB L2 per core; `python bench/projection.py`,
+# bench/results/projection-cpu-Intel-Xeon-2c.md). In the loop:
+# * a narrow input (in <= 8, e.g. pixel-by-pixel MNIST): x_t @ w_ih is a few multiply-adds per
+#   gate, not worth writing and reading back a [T, B, 4H] array (T=784, B=128, H=128, in=1:
+#   0.69-0.78x the time);
+# * a wide input (in >= 64) at batch >= 64 whose two weight matrices fit in one core's L2 cache,
+#   which each step then reads from there (the tutorial's layers 2-3, H=256, B=1000: 0.83-0.88x).
+# Weights beyond L2 (H=512: 1.09x), small batches (B=16: 1.16x) and inputs of 9-63 features
+# (in=28: 1.08-1.21x, with glibc's allocator told to keep freed memory) stay before the loop.
 _IN_LOOP_MAX_NARROW = 8
 _IN_LOOP_MIN_WIDE = 64
 _IN_LOOP_MIN_BATCH = 64

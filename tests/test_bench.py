@@ -333,6 +333,7 @@ def test_unknown_config_is_rejected(tmp_path):
 
 ABLATIONS = ROOT / "bench" / "ablations.py"
 GEMM_THREADS = ROOT / "bench" / "gemm_threads.py"
+PROJECTION = ROOT / "bench" / "projection.py"
 
 
 @pytest.mark.parametrize("script, args, message", [
@@ -340,6 +341,9 @@ GEMM_THREADS = ROOT / "bench" / "gemm_threads.py"
     (ABLATIONS, ["--configs", "nope"], "unknown config"),
     (GEMM_THREADS, ["--sizes", "12x"], "expected BxH pairs"),
     (GEMM_THREADS, ["--models", "nope"], "unknown config"),
+    (PROJECTION, ["--shapes", "128x28x28x256"], "expected BxTxINxHxL"),
+    (PROJECTION, ["--shapes", "1x1x0x1x1"], "five positive integers"),
+    (PROJECTION, ["--rounds", "0"], "--rounds and --reps"),
 ])
 def test_bench_scripts_reject_bad_arguments(script, args, message):
     proc = subprocess.run([sys.executable, str(script), *args], cwd=ROOT, capture_output=True, text=True,
@@ -375,6 +379,29 @@ def test_gemm_threads_probe_runs(tmp_path):
     rows = json.loads(out.read_text())["gemm"]
     assert [(r["batch"], r["hidden"], r["macs"]) for r in rows] == [(2, 3, 2 * 3 * 12), (5, 4, 5 * 4 * 16)]
     assert all(_positive_finite(r["jax_s_per_step"]) for r in rows)
+
+
+def test_projection_study_runs_every_variant_to_the_same_logits(tmp_path):
+    """bench/projection.py times the inference forward with the projection before the loop, in
+    it, and as the library chooses; the three compute the same logits, and the library's
+    choice it reports is the rule's."""
+    from lstm_jax import _stack
+
+    out = tmp_path / "p.json"
+    cmd = [sys.executable, str(PROJECTION), "--shapes", "3x5x1x4x2,2x3x6x5x1", "--rounds", "1", "--reps", "1",
+           "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"{cmd} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    report = json.loads(out.read_text())
+    assert [r["shape"]["inputs"] for r in report["shapes"]] == [1, 6]
+    for row in report["shapes"]:
+        assert set(row["median_s"]) == {"hoisted", "in_loop", "library"}
+        assert all(_positive_finite(t) for t in row["median_s"].values())
+        assert row["max_abs_logit_diff"] < 1e-5
+        shape = row["shape"]
+        sizes = [shape["inputs"]] + [shape["hidden"]] * (shape["layers"] - 1)
+        assert row["library_in_loop"] == [_stack._cpu_project_in_loop(shape["batch"], i, shape["hidden"], np.float32, None)
+                                          for i in sizes]
 
 
 PERSISTENT = ROOT / "bench" / "persistent.py"

@@ -235,19 +235,21 @@ def test_cpu_project_in_loop_follows_the_measured_rule():
     assert l2 is None or l2 > 0
     f32 = jnp.float32
     two_mib = 2 * 2**20
+
+    def rule(b, i, h, dtype=f32, matmul_dtype=None, l2_bytes=two_mib):
+        return _stack._cpu_project_in_loop(b, i, h, dtype, matmul_dtype, l2_bytes)
+
     if jax.default_backend() != "cpu":
-        assert not _stack._cpu_project_in_loop(128, 1, 128, f32, None, two_mib)
+        assert not rule(128, 1, 128)
         return
-    assert _stack._cpu_project_in_loop(128, 1, 128, f32, None, two_mib)  # narrow input
-    assert _stack._cpu_project_in_loop(1, 8, 2048, f32, None, two_mib)  # narrow: any batch, any size
-    assert not _stack._cpu_project_in_loop(128, 9, 128, f32, None, two_mib)
-    assert not _stack._cpu_project_in_loop(128, 28, 256, f32, None, two_mib)  # K=28: no faster inside
-    assert _stack._cpu_project_in_loop(128, 256, 256, f32, None, two_mib)  # (256+256)*1024*4 B = 2 MiB
-    assert not _stack._cpu_project_in_loop(128, 256, 256, jnp.float64, None, two_mib)  # 4 MiB
-    assert not _stack._cpu_project_in_loop(128, 256, 256, f32, None, two_mib - 1)
-    assert not _stack._cpu_project_in_loop(63, 256, 256, f32, None, two_mib)  # small batch
-    assert not _stack._cpu_project_in_loop(128, 512, 512, f32, None, two_mib)  # weights beyond L2
-    assert not _stack._cpu_project_in_loop(128, 1, 128, f32, jnp.bfloat16, two_mib)  # not measured
+    assert rule(128, 1, 128) and rule(1, 8, 2048)  # narrow input: any batch, any size
+    assert rule(128, 256, 256)  # wide: (256+256)*1024*4 B = 2 MiB of weights fit
+    assert not rule(128, 256, 256, jnp.float64)  # 4 MiB
+    assert not rule(128, 256, 256, l2_bytes=two_mib - 1)
+    assert not rule(63, 256, 256)  # small batch
+    assert not rule(128, 512, 512)  # weights beyond L2
+    assert not rule(128, 9, 256) and not rule(1000, 28, 256) and not rule(128, 63, 64)  # in between
+    assert not rule(128, 1, 128, matmul_dtype=jnp.bfloat16)  # not measured
 
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="inspects XLA:CPU's compiled program")

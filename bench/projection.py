@@ -1,0 +1,151 @@
+#!/usr/bin/env python
+"""Where the fused layer's inference forward should project its inputs, measured on this machine.
+
+    python bench/projection.py                       # the shapes behind the library's CPU rule (~3 min)
+    python bench/projection.py --shapes 1000x28x256x256x3 --rounds 10 --out /tmp/p.json
+
+``lstm_jax.lstm`` projects every timestep's input with one ``[T*B, in] x [in, 4H]`` matmul
+before the loop, except in the fused layer's inference forward on CPU where
+``_stack._cpu_project_in_loop`` says the loop should compute ``x_t @ w_ih`` itself (narrow
+inputs, and wide ones whose two weight matrices fit in one core's L2 cache at batch >= 64).
+That rule came from one machine (``bench/results/cpu-Intel-Xeon-2c.md``); this script
+re-measures it anywhere: for each shape ``BxTxINxHxL`` it times ``bench/run.py``'s model
+(stack + head, inference) three ways, interleaved over ``--rounds`` rounds: every layer
+projecting before the loop, every layer projecting in it, and the library's choice. It checks
+that the three give the same logits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+for p in (str(HERE.parent), str(HERE)):
+    if p not in sys.path:
+        sys.path.insert(0, p)
+
+import numpy as np  # noqa: E402
+
+import peers  # noqa: E402
+import run as bench_run  # noqa: E402
+
+# What the rule was measured on: the tutorial at two batches, pixel-by-pixel inputs of width 1
+# and 4, a small batch, and hidden sizes whose weights fit (256) or not (384, 512) in 2 MiB.
+DEFAULT_SHAPES = ("128x28x28x256x3,1000x28x28x256x3,128x784x1x128x1,128x784x4x128x1,"
+                  "16x28x28x256x3,128x28x384x384x2,64x100x512x512x2")
+VARIANTS = ("hoisted", "in_loop", "library")
+
+
+def parse_shape(text: str) -> peers.Shape:
+    """``"BxTxINxHxL"`` -> :class:`peers.Shape` (ValueError naming the text when malformed)."""
+    parts = text.lower().split("x")
+    try:
+        values = [int(v) for v in parts]
+    except ValueError:
+        values = []
+    if len(values) != 5 or min(values) < 1:
+        raise ValueError(f"expected BxTxINxHxL with five positive integers, like 128x28x28x256x3, got {text!r}")
+    return peers.Shape(*values)
+
+
+def build(shape: peers.Shape, data: peers.Data, weights, variant: str):
+    """The model's compiled inference with the projection forced before/in the loop, or as
+    the library chooses. The choice is made while tracing, so it stays with the compiled function."""
+    from lstm_jax import _stack
+
+    shipped = _stack._cpu_project_in_loop
+    if variant != "library":
+        _stack._cpu_project_in_loop = lambda *args: variant == "in_loop"
+    try:
+        impl = peers.make_lstm_jax(shape, data, weights, "fused", name=f"lstm_jax_{variant}")
+        impl.setup_infer()
+    finally:
+        _stack._cpu_project_in_loop = shipped
+    return impl
+
+
+def measure(shape: peers.Shape, rounds: int, reps: int) -> dict:
+    """Median seconds per inference call of each variant, interleaved, and what the library picks."""
+    from lstm_jax import _stack
+
+    data = peers.Data.make(shape, sets=2, seed=0)
+    weights = peers.init_reference_weights(shape, 0)
+    impls = {v: build(shape, data, weights, v) for v in VARIANTS}
+    logits = {}
+    for v, impl in impls.items():
+        fn, params = impl.infer_fn()
+        logits[v] = np.asarray(fn(params, data.xs[0]))
+    times = {v: [] for v in VARIANTS}
+    k = 0
+    for _ in range(rounds):
+        for v, impl in impls.items():
+            for _ in range(reps):
+                t = time.perf_counter()
+                impl.infer_step(k)
+                times[v].append(time.perf_counter() - t)
+                k += 1
+    sizes = [shape.inputs] + [shape.hidden] * (shape.layers - 1)
+    rows = shape.batch + _stack._cpu_batch_pad(shape.batch, shape.hidden, np.float32, None)
+    return {
+        "shape": vars(shape),
+        "library_in_loop": [bool(_stack._cpu_project_in_loop(rows, i, shape.hidden, np.float32, None))
+                            for i in sizes],
+        "median_s": {v: float(np.median(t)) for v, t in times.items()},
+        "max_abs_logit_diff": max(float(np.max(np.abs(logits[v] - logits["hoisted"]))) for v in VARIANTS),
+    }
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--shapes", default=DEFAULT_SHAPES, help="comma-separated BxTxINxHxL (batch, steps, inputs, "
+                    "hidden, layers)")
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds (default 5)")
+    ap.add_argument("--reps", type=int, default=3, help="calls per variant and round (default 3)")
+    ap.add_argument("--retain-freed-memory", action="store_true",
+                    help="call lstm_jax.retain_freed_memory() first: XLA's per-call buffers are reused, not "
+                         "page-faulted in again at every call (default: glibc as it is)")
+    ap.add_argument("--out", type=Path, help="write the results as JSON here")
+    args = ap.parse_args(argv)
+    shapes = []
+    for s in args.shapes.split(","):
+        try:
+            shapes.append(parse_shape(s.strip()))
+        except ValueError as e:
+            ap.error(f"--shapes: {e}")
+    if args.rounds < 1 or args.reps < 1:
+        ap.error(f"--rounds and --reps: expected positive integers, got {args.rounds} and {args.reps}")
+
+    import lstm_jax
+
+    retained = bool(args.retain_freed_memory and lstm_jax.retain_freed_memory())  # before JAX starts threads
+    import jax
+
+    from lstm_jax import _stack
+
+    jax.config.update("jax_enable_compilation_cache", False)
+    report = {"device": bench_run.device_name(jax.default_backend(), jax.devices()[0]),
+              "versions": bench_run.versions(), "git": bench_run.git_info(),
+              "l2_cache_bytes": _stack._l2_cache_bytes(), "retain_freed_memory": retained, "rounds": args.rounds, "reps": args.reps, "shapes": []}
+    print(f"device {report['device']}; L2 per core {report['l2_cache_bytes']} bytes; retain_freed_memory {retained}; "
+          f"{report['versions']}", flush=True)
+    print(f"\nInference, ms (median of {args.rounds * args.reps}); 'library' = the CPU rule's choice per layer")
+    print(f"{'BxTxINxHxL':>20} {'hoisted':>9} {'in loop':>9} {'library':>9} {'in/hoisted':>10}  library in loop")
+    for shape in shapes:
+        row = measure(shape, args.rounds, args.reps)
+        report["shapes"].append(row)
+        m = row["median_s"]
+        name = "x".join(str(v) for v in (shape.batch, shape.steps, shape.inputs, shape.hidden, shape.layers))
+        print(f"{name:>20} {m['hoisted'] * 1e3:9.2f} {m['in_loop'] * 1e3:9.2f} {m['library'] * 1e3:9.2f} "
+              f"{m['in_loop'] / m['hoisted']:10.2f}  {row['library_in_loop']}", flush=True)
+    if args.out:
+        args.out.write_text(json.dumps(report, indent=1))
+        print(f"\nwrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
