@@ -50,6 +50,8 @@ def _cpu_batch_pad(batch: int, hidden: int, dtype, matmul_dtype) -> int:
 #   which each step then reads from there (the tutorial's layers 2-3, H=256, B=1000: 0.83-0.88x).
 # Weights beyond L2 (H=512: 1.09x), small batches (B=16: 1.16x) and inputs of 9-63 features
 # (in=28: 1.08-1.21x, with glibc's allocator told to keep freed memory) stay before the loop.
+# With bfloat16 matmuls only the narrow case was measured to pay (pixel 140 -> 95-99 ms); the
+# wide case, applied to the tutorial's layers 2-3 alone, was slower there (20 -> 21-23 ms).
 _IN_LOOP_MAX_NARROW = 8
 _IN_LOOP_MIN_WIDE = 64
 _IN_LOOP_MIN_BATCH = 64
@@ -81,11 +83,11 @@ def _cpu_project_in_loop(batch: int, in_size: int, hidden: int, dtype, matmul_dt
                          l2_bytes: Optional[int] = None) -> bool:
     """Whether the fused layer's inference forward should project its input inside the loop
     (see the measurements above). ``l2_bytes``: one core's L2 cache (default: this machine's)."""
-    if jax.default_backend() != "cpu" or matmul_dtype is not None:
+    if jax.default_backend() != "cpu":
         return False
     if in_size <= _IN_LOOP_MAX_NARROW:
         return True
-    if in_size < _IN_LOOP_MIN_WIDE or batch < _IN_LOOP_MIN_BATCH:
+    if in_size < _IN_LOOP_MIN_WIDE or batch < _IN_LOOP_MIN_BATCH or matmul_dtype is not None:
         return False
     l2_bytes = _l2_cache_bytes() if l2_bytes is None else l2_bytes
     weight_bytes = (in_size + hidden) * 4 * hidden * jnp.dtype(dtype).itemsize

@@ -205,6 +205,19 @@ def test_fused_forward_projecting_in_the_loop_equals_the_scan_float64(monkeypatc
             assert _rel_err(g, r) <= 1e-12
 
 
+@pytest.mark.parametrize("in_loop", [False, True])
+def test_fused_forward_with_bfloat16_matmuls_stays_close_to_float32(monkeypatch, in_loop):
+    from lstm_jax import _stack
+
+    params, xs, state, masks, lengths, _ = _problem(jnp.float32, hidden=16)
+    ref = _forward(params, xs, state, masks, lengths, impl="scan")
+    monkeypatch.setattr(_stack, "_cpu_project_in_loop", lambda *a: in_loop)
+    got = _forward(params, xs, state, masks, lengths, impl="fused", matmul_dtype=jnp.bfloat16)
+    for g, r in zip(jax.tree.leaves(got), jax.tree.leaves(ref)):
+        assert g.dtype == r.dtype == jnp.float32
+        assert 0 < _rel_err(g, r) <= 2e-2  # > 0: the bfloat16 path really ran
+
+
 def test_fused_forward_in_the_loop_really_projects_there():
     """With ``project_in_loop`` the compiled inference program holds no ``[T, B, 4H]`` array
     (the hoisted projection's output); without it, it does."""
@@ -249,7 +262,8 @@ def test_cpu_project_in_loop_follows_the_measured_rule():
     assert not rule(63, 256, 256)  # small batch
     assert not rule(128, 512, 512)  # weights beyond L2
     assert not rule(128, 9, 256) and not rule(1000, 28, 256) and not rule(128, 63, 64)  # in between
-    assert not rule(128, 1, 128, matmul_dtype=jnp.bfloat16)  # not measured
+    assert rule(128, 1, 128, matmul_dtype=jnp.bfloat16)  # bfloat16 matmuls: only the narrow case
+    assert not rule(128, 256, 256, matmul_dtype=jnp.bfloat16)
 
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="inspects XLA:CPU's compiled program")
