@@ -50,8 +50,8 @@ def _cpu_batch_pad(batch: int, hidden: int, dtype, matmul_dtype) -> int:
 #   which each step then reads from there (the tutorial's layers 2-3, H=256, B=1000: 0.83-0.88x).
 # Weights beyond L2 (H=512: 1.09x), small batches (B=16: 1.16x) and inputs of 9-63 features
 # (in=28: 1.08-1.21x, with glibc's allocator told to keep freed memory) stay before the loop.
-# With bfloat16 matmuls only the narrow case was measured to pay (pixel 140 -> 95-99 ms); the
-# wide case, applied to the tutorial's layers 2-3 alone, was slower there (20 -> 21-23 ms).
+# With bfloat16 matmuls only the narrow case was measured to pay (pixel 135-140 -> 93-99 ms);
+# the wide case, on the tutorial's layers 2-3 alone, was slower (19.7-20.4 -> 20.4-23.2 ms).
 _IN_LOOP_MAX_NARROW = 8
 _IN_LOOP_MIN_WIDE = 64
 _IN_LOOP_MIN_BATCH = 64
