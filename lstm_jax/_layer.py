@@ -35,7 +35,11 @@ invalid steps (which leave the state unchanged), so any T works.
 
 ``matmul_dtype=jnp.bfloat16`` runs every matmul with bfloat16 operands and float32
 accumulation (``preferred_element_type``); the gate math, the cell state and the returned
-values stay in the parameters' dtype. Meant for GPUs/TPUs with bfloat16 matrix units.
+values stay in the parameters' dtype. Meant for bfloat16 matrix units: GPUs, TPUs, CPUs with
+AMX. For the latter, ``row_major_weight_grads=True`` (which :func:`lstm_jax.lstm` sets on CPU
+with bfloat16 matmuls) transposes the weight gradients' left-hand sides so that XLA:CPU runs
+them as row-major GEMMs on YNNPACK's bfloat16 kernels; its forward then saves the state
+before each step instead of after it, which that transpose reads as a plain array.
 
 Shapes: ``xs [T, B, in]``, ``h0, c0 [B, H]``, ``valid [T, B]`` bool (``t < lengths[b]``)
 or None, ``rmask [B, H]`` (recurrent dropout, scaled) or None. Returns
@@ -75,12 +79,13 @@ def _cast(w, matmul_dtype):
 
 
 def _forward_steps(xs, w_ih, b, w_hh, h0, c0, valid, rmask, unroll, save_residuals, matmul_dtype=None,
-                   project_in_loop=False):
+                   project_in_loop=False, save_prev_h=False):
     """The recurrence over ``xs [T, B, in]``, whose input projection is one matmul before the
     loop, or (``project_in_loop``, only without ``save_residuals``) one per step inside it.
 
     Returns ``((h_T, c_T), ys)``, or ``((h_T, c_T), (ys, acts, hs, cs))`` when saving what the
-    backward pass needs (``hs``/``cs``: the carried state after each step).
+    backward pass needs (``hs``/``cs``: the carried state after each step; with ``save_prev_h``,
+    ``hs`` is the carried ``h`` before each step instead).
     """
     if project_in_loop:
         if save_residuals:
@@ -89,10 +94,10 @@ def _forward_steps(xs, w_ih, b, w_hh, h0, c0, valid, rmask, unroll, save_residua
         return _recurrence(xs, b, w_hh, h0, c0, valid, rmask, unroll, False,
                            project=lambda x_t: _mm(x_t, w_ih, b.dtype))
     zx = _input_projection(xs, w_ih, b.dtype, matmul_dtype)
-    return _recurrence(zx, b, w_hh, h0, c0, valid, rmask, unroll, save_residuals)
+    return _recurrence(zx, b, w_hh, h0, c0, valid, rmask, unroll, save_residuals, save_prev_h=save_prev_h)
 
 
-def _recurrence(zx, b, w_hh, h0, c0, valid, rmask, unroll, save_residuals, project=None):
+def _recurrence(zx, b, w_hh, h0, c0, valid, rmask, unroll, save_residuals, project=None, save_prev_h=False):
     """The loop of :func:`_forward_steps` over the projected inputs ``zx [T, B, 4H]`` (without
     ``b``), or over ``xs [T, B, in]`` projected at each step by ``project``. Separate so that
     ``bench/persistent.py`` can time the loop alone. Saving residuals, step t writes its gate
@@ -126,23 +131,27 @@ def _recurrence(zx, b, w_hh, h0, c0, valid, rmask, unroll, save_residuals, proje
         t, h, c, buf = carry
         acts, h_new, c_new, y = cell(h, c, jax.lax.dynamic_index_in_dim(buf, t, keepdims=False), v_t)
         buf = jax.lax.dynamic_update_index_in_dim(buf, acts, t, 0)
-        # Without lengths the carried h is the output: emit one copy.
-        return (t + 1, h_new, c_new, buf), (y, None if v_t is None else h_new, c_new)
+        if save_prev_h:
+            h_saved = h
+        else:  # without lengths the carried h is the output: emit one copy
+            h_saved = None if v_t is None else h_new
+        return (t + 1, h_new, c_new, buf), (y, h_saved, c_new)
 
     (_, h_t, c_t, acts), (ys, hs, cs) = jax.lax.scan(
         step_saving, (jnp.int32(0), h0, c0, zx), valid, length=zx.shape[0], unroll=unroll)
-    return (h_t, c_t), (ys, acts, ys if valid is None else hs, cs)
+    return (h_t, c_t), (ys, acts, ys if hs is None else hs, cs)
 
 
-def _backward_steps(w_hh_t, d_ys, acts, hs, cs, h0, c0, valid, rmask, carry, unroll):
-    """Backpropagation through the recurrence of one block of steps.
+def _backward_steps(w_hh_t, d_ys, acts, hs, cs, h0, c0, valid, rmask, carry, unroll, hs_are_prev=False):
+    """Backpropagation through the recurrence of one block of steps (``hs_are_prev``: ``hs`` is
+    the state before each step, as ``_forward_steps(save_prev_h=True)`` saves it).
 
     ``carry = (dh, dc, d_rmask)`` holds the cotangents of the state after the block's last
     step. Returns ``((dh0, dc0, d_rmask), dz)`` with ``dz [T, B, 4H]`` the cotangent of the
     pre-activations, from which every weight and input gradient is one matmul.
     """
     # The state before each step, [T, B, H] (also for T = 0).
-    h_prev = jnp.concatenate([h0[None], hs], axis=0)[:-1]
+    h_prev = hs if hs_are_prev else jnp.concatenate([h0[None], hs], axis=0)[:-1]
     c_prev = jnp.concatenate([c0[None], cs], axis=0)[:-1]
 
     # In place (see the module docstring) only with unroll=1: in an unrolled body the read of
@@ -211,16 +220,31 @@ def _backward_steps(w_hh_t, d_ys, acts, hs, cs, h0, c0, valid, rmask, carry, unr
     return (dh, dc, d_rmask), buf if in_place else dz, h_prev
 
 
-def _param_and_input_grads(xs, w_ih, h_prev, dz, rmask, matmul_dtype):
+def _rows_last(a):
+    """``[T, B, k] -> [k, T*B]``, materialised: a transpose XLA cannot fold into a dot."""
+    return jnp.transpose(a, (2, 0, 1)).reshape(a.shape[-1], -1)
+
+
+def _param_and_input_grads(xs, w_ih, h_prev, dz, rmask, matmul_dtype, row_major_weight_grads=False):
     """``dW_ih, dW_hh, db, d_xs`` of one block from ``dz [T, B, 4H]``: each a single matmul
-    over all its timesteps."""
+    over all its timesteps.
+
+    The weight gradients contract the ``T*B`` rows of two arrays. Done as it is (a
+    transposed-LHS GEMM), XLA:CPU runs it on Eigen; with ``row_major_weight_grads`` the
+    left-hand side is transposed first, which makes it a plain row-major GEMM that XLA:CPU
+    gives to YNNPACK, whose bfloat16 kernels use the CPU's matrix units (see ``_stack``).
+    """
     h_in_prev = h_prev if rmask is None else h_prev * rmask
     # Flattened to [T*B, .]: a plain transposed-LHS GEMM, measurably faster on XLA:CPU than
     # contracting the two axes (t, b) in one einsum.
     flat = lambda a: a.reshape(-1, a.shape[-1])  # noqa: E731
     dz_flat = flat(dz)
-    d_w_ih = _einsum("ni,ng->ig", flat(xs), dz_flat, matmul_dtype, dz.dtype)
-    d_w_hh = _einsum("nh,ng->hg", flat(h_in_prev), dz_flat, matmul_dtype, dz.dtype)
+    if row_major_weight_grads:
+        d_w_ih = _einsum("in,ng->ig", _rows_last(xs), dz_flat, matmul_dtype, dz.dtype)
+        d_w_hh = _einsum("hn,ng->hg", _rows_last(h_in_prev), dz_flat, matmul_dtype, dz.dtype)
+    else:
+        d_w_ih = _einsum("ni,ng->ig", flat(xs), dz_flat, matmul_dtype, dz.dtype)
+        d_w_hh = _einsum("nh,ng->hg", flat(h_in_prev), dz_flat, matmul_dtype, dz.dtype)
     d_xs = _einsum("tbg,ig->tbi", dz, w_ih, matmul_dtype, dz.dtype).astype(xs.dtype)
     return d_w_ih, d_w_hh, jnp.sum(dz_flat, axis=0), d_xs
 
@@ -276,12 +300,17 @@ def _primal_fn(unroll, matmul_dtype, project_in_loop=False):
 
 
 @functools.lru_cache(maxsize=None)
-def _fused_fn(unroll, matmul_dtype, project_in_loop=False):
+def _fused_fn(unroll, matmul_dtype, project_in_loop=False, row_major_weight_grads=False):
     fused = jax.custom_vjp(_primal_fn(unroll, matmul_dtype, project_in_loop))
+    # Row-major weight gradients transpose the state before each step, saved as such by the
+    # forward. Derived from the states after each step instead, XLA:CPU fuses the shift by one
+    # step into the transpose, which then took 2.7-3.0 ms per tutorial layer (bfloat16, in the
+    # training step) where the plain transpose takes 0.4-0.5 ms.
+    save_prev_h = row_major_weight_grads
 
     def fwd(w_ih, w_hh, b, xs, h0, c0, valid, rmask):
         (h_t, c_t), (ys, acts, hs, cs) = _forward_steps(xs, w_ih, b, _cast(w_hh, matmul_dtype), h0, c0, valid, rmask,
-                                                        unroll, True, matmul_dtype)
+                                                        unroll, True, matmul_dtype, save_prev_h=save_prev_h)
         return (ys, h_t, c_t), (w_ih, w_hh, xs, h0, c0, valid, rmask, acts, hs, cs)
 
     def bwd(residuals, cotangents):
@@ -289,8 +318,10 @@ def _fused_fn(unroll, matmul_dtype, project_in_loop=False):
         d_ys, d_h_t, d_c_t = cotangents
         d_rmask = None if rmask is None else jnp.zeros_like(rmask)
         (dh0, dc0, d_rmask), dz, h_prev = _backward_steps(
-            _cast(w_hh.T, matmul_dtype), d_ys, acts, hs, cs, h0, c0, valid, rmask, (d_h_t, d_c_t, d_rmask), unroll)
-        d_w_ih, d_w_hh, d_b, d_xs = _param_and_input_grads(xs, w_ih, h_prev, dz, rmask, matmul_dtype)
+            _cast(w_hh.T, matmul_dtype), d_ys, acts, hs, cs, h0, c0, valid, rmask, (d_h_t, d_c_t, d_rmask), unroll,
+            hs_are_prev=save_prev_h)
+        d_w_ih, d_w_hh, d_b, d_xs = _param_and_input_grads(xs, w_ih, h_prev, dz, rmask, matmul_dtype,
+                                                           row_major_weight_grads)
         return d_w_ih, d_w_hh, d_b, d_xs, dh0, dc0, None, d_rmask
 
     fused.defvjp(fwd, bwd)
@@ -298,7 +329,7 @@ def _fused_fn(unroll, matmul_dtype, project_in_loop=False):
 
 
 @functools.lru_cache(maxsize=None)
-def _fused_remat_fn(unroll, chunk, matmul_dtype, project_in_loop=False):
+def _fused_remat_fn(unroll, chunk, matmul_dtype, project_in_loop=False, row_major_weight_grads=False):
     """The fused layer keeping only every ``chunk``-th state for the backward pass."""
 
     fused = jax.custom_vjp(_primal_fn(unroll, matmul_dtype, project_in_loop))
@@ -326,10 +357,13 @@ def _fused_remat_fn(unroll, chunk, matmul_dtype, project_in_loop=False):
         def chunk_body(carry, inputs):
             state_carry, (g_ih, g_hh, g_b) = carry
             x_k, v_k, dy_k, h_k, c_k = inputs
-            _, (_, acts, hs, cs) = _forward_steps(x_k, w_ih, b, w_hh_c, h_k, c_k, v_k, rmask, unroll, True, matmul_dtype)
+            _, (_, acts, hs, cs) = _forward_steps(x_k, w_ih, b, w_hh_c, h_k, c_k, v_k, rmask, unroll, True, matmul_dtype,
+                                                  save_prev_h=row_major_weight_grads)
             state_carry, dz, h_prev = _backward_steps(
-                w_hh_t, dy_k, acts, hs, cs, h_k, c_k, v_k, rmask, state_carry, unroll)
-            d_w_ih, d_w_hh, d_b, d_x = _param_and_input_grads(x_k, w_ih, h_prev, dz, rmask, matmul_dtype)
+                w_hh_t, dy_k, acts, hs, cs, h_k, c_k, v_k, rmask, state_carry, unroll,
+                hs_are_prev=row_major_weight_grads)
+            d_w_ih, d_w_hh, d_b, d_x = _param_and_input_grads(x_k, w_ih, h_prev, dz, rmask, matmul_dtype,
+                                                              row_major_weight_grads)
             return (state_carry, (g_ih + d_w_ih, g_hh + d_w_hh, g_b + d_b)), d_x
 
         d_rmask = None if rmask is None else jnp.zeros_like(rmask)
@@ -348,13 +382,15 @@ def _fused_remat_fn(unroll, chunk, matmul_dtype, project_in_loop=False):
 
 
 def layer_fused(w_ih, w_hh, b, xs, h0, c0, valid=None, rmask=None, *, unroll=1, remat_chunk=None,
-                matmul_dtype=None, project_in_loop=False):
+                matmul_dtype=None, project_in_loop=False, row_major_weight_grads=False):
     """Fast path with a hand-written VJP. See the module docstring for shapes.
     ``project_in_loop``: where nothing is differentiated, project each step's input inside the
-    loop (the gradient's forward always projects before it)."""
+    loop (the gradient's forward always projects before it). ``row_major_weight_grads``:
+    compute the weight gradients as row-major GEMMs, transposing their left-hand sides first
+    (see ``_param_and_input_grads``); the values are the same."""
     if matmul_dtype is not None:
         matmul_dtype = jnp.dtype(matmul_dtype)
-    project_in_loop = bool(project_in_loop)
-    fn = (_fused_fn(unroll, matmul_dtype, project_in_loop) if remat_chunk is None
-          else _fused_remat_fn(unroll, remat_chunk, matmul_dtype, project_in_loop))
+    project_in_loop, row_major_weight_grads = bool(project_in_loop), bool(row_major_weight_grads)
+    fn = (_fused_fn(unroll, matmul_dtype, project_in_loop, row_major_weight_grads) if remat_chunk is None
+          else _fused_remat_fn(unroll, remat_chunk, matmul_dtype, project_in_loop, row_major_weight_grads))
     return fn(w_ih, w_hh, b, xs, h0, c0, valid, rmask)

@@ -94,6 +94,18 @@ def _cpu_project_in_loop(batch: int, in_size: int, hidden: int, dtype, matmul_dt
     return l2_bytes is not None and weight_bytes <= l2_bytes
 
 
+# XLA:CPU gives a dot to YNNPACK, whose bfloat16 kernels use the CPU's matrix units (AMX),
+# only when its left-hand side is row-major with the contraction on its last axis. The weight
+# gradients contract the T*B rows of two arrays (a transposed-LHS GEMM), which XLA:CPU runs on
+# Eigen instead: in bfloat16 at 250 GFLOP/s, where YNNPACK's row-major GEMM of the same size
+# reaches 1300 on the 2-vCPU Xeon of bench/results/. So with bfloat16 matmuls the fused layer
+# transposes the left-hand sides first (``row_major_weight_grads``). In float32 both reach
+# 280-330 GFLOP/s and the transposes cost what they save: unchanged.
+def _cpu_row_major_weight_grads(matmul_dtype) -> bool:
+    """Whether the fused layer should compute its weight gradients as row-major GEMMs."""
+    return jax.default_backend() == "cpu" and matmul_dtype is not None
+
+
 def _fit_batch(a, axis, rows, value=0):
     """``a`` with exactly ``rows`` rows along ``axis``: sliced, or padded with ``value``."""
     if a is None or a.shape[axis] == rows:
@@ -248,6 +260,7 @@ def lstm(
         extra = {}
         if impl == "fused":
             extra["project_in_loop"] = _cpu_project_in_loop(rows, x.shape[-1], hidden, dtype, matmul_dtype)
+            extra["row_major_weight_grads"] = _cpu_row_major_weight_grads(matmul_dtype)
         ys, h_t, c_t = layer(p.w_ih, p.w_hh, fold_forget_bias(p.b, forget_bias), x, _fit_batch(state.h, 0, rows),
                              _fit_batch(state.c, 0, rows), _fit_batch(valid, 1, rows, False), rmask, unroll=unroll,
                              remat_chunk=remat_chunk, matmul_dtype=matmul_dtype, **extra)

@@ -334,6 +334,7 @@ def test_unknown_config_is_rejected(tmp_path):
 ABLATIONS = ROOT / "bench" / "ablations.py"
 GEMM_THREADS = ROOT / "bench" / "gemm_threads.py"
 PROJECTION = ROOT / "bench" / "projection.py"
+WEIGHT_GRADS = ROOT / "bench" / "weight_grads.py"
 
 
 @pytest.mark.parametrize("script, args, message", [
@@ -344,6 +345,9 @@ PROJECTION = ROOT / "bench" / "projection.py"
     (PROJECTION, ["--shapes", "128x28x28x256"], "expected BxTxINxHxL"),
     (PROJECTION, ["--shapes", "1x1x0x1x1"], "five positive integers"),
     (PROJECTION, ["--rounds", "0"], "--rounds and --reps"),
+    (WEIGHT_GRADS, ["--shapes", "1x2x3"], "expected BxTxINxHxL"),
+    (WEIGHT_GRADS, ["--dtypes", "float16"], "--dtypes: expected a comma-separated subset"),
+    (WEIGHT_GRADS, ["--steps", "0"], "--rounds and --steps"),
 ])
 def test_bench_scripts_reject_bad_arguments(script, args, message):
     proc = subprocess.run([sys.executable, str(script), *args], cwd=ROOT, capture_output=True, text=True,
@@ -402,6 +406,30 @@ def test_projection_study_runs_every_variant_to_the_same_logits(tmp_path):
         sizes = [shape["inputs"]] + [shape["hidden"]] * (shape["layers"] - 1)
         assert row["library_in_loop"] == [_stack._cpu_project_in_loop(shape["batch"], i, shape["hidden"], np.float32, None)
                                           for i in sizes]
+
+
+def test_weight_grads_study_times_both_ways_to_the_same_gradients(tmp_path):
+    """bench/weight_grads.py times the training step with transposed-LHS and row-major weight
+    gradients, in float32 and bfloat16; both ways give the same gradients, and the library's
+    choice it reports is the rule's."""
+    import jax.numpy as jnp
+
+    from lstm_jax import _stack
+
+    out = tmp_path / "w.json"
+    cmd = [sys.executable, str(WEIGHT_GRADS), "--shapes", "3x5x2x4x2,2x1x6x5x1", "--rounds", "1", "--steps", "1",
+           "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"{cmd} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    rows = json.loads(out.read_text())["results"]
+    assert [(r["shape"]["steps"], r["dtype"]) for r in rows] == [(5, "float32"), (5, "bfloat16"),
+                                                                 (1, "float32"), (1, "bfloat16")]
+    for row in rows:
+        assert set(row["median_s"]) == {"transposed_lhs", "row_major"}
+        assert all(_positive_finite(t) for t in row["median_s"].values())
+        assert row["max_rel_grad_diff"] < 1e-4
+        matmul_dtype = None if row["dtype"] == "float32" else jnp.bfloat16
+        assert row["library_row_major"] == _stack._cpu_row_major_weight_grads(matmul_dtype)
 
 
 PERSISTENT = ROOT / "bench" / "persistent.py"

@@ -114,8 +114,12 @@ def test_remat_chunk_is_validated():
         lj.lstm(params, jnp.ones((1, 4, 2)), remat_chunk=0)
 
 
-@pytest.mark.parametrize("impl,chunk", [("fused", None), ("fused", 4), ("scan", None)])
-def test_bfloat16_matmuls_stay_close_to_float32(impl, chunk):
+@pytest.mark.parametrize("impl,chunk,row_major", [("fused", None, False), ("fused", None, True), ("fused", 4, False),
+                                                   ("fused", 4, True), ("scan", None, False)])
+def test_bfloat16_matmuls_stay_close_to_float32(monkeypatch, impl, chunk, row_major):
+    from lstm_jax import _stack
+
+    monkeypatch.setattr(_stack, "_cpu_row_major_weight_grads", lambda m: row_major)
     params, xs, state, masks, lengths, w = _problem(jnp.float32, hidden=16)
     ref_val, ref_grads = _value_and_grads(params, xs, state, masks, lengths, w, impl="scan")
     val, grads = _value_and_grads(params, xs, state, masks, lengths, w, impl=impl, remat_chunk=chunk, matmul_dtype=jnp.bfloat16)
@@ -264,6 +268,64 @@ def test_cpu_project_in_loop_follows_the_measured_rule():
     assert not rule(128, 9, 256) and not rule(1000, 28, 256) and not rule(128, 63, 64)  # in between
     assert rule(128, 1, 128, matmul_dtype=jnp.bfloat16)  # bfloat16 matmuls: only the narrow case
     assert not rule(128, 256, 256, matmul_dtype=jnp.bfloat16)
+
+
+@pytest.mark.parametrize("features,batch,time_steps", [(5, 4, 9), (1, 1, 7), (3, 4, 1)])
+@pytest.mark.parametrize("use_lengths,use_masks", [(False, False), (True, False), (True, True)])
+@pytest.mark.parametrize("chunk", [None, 4])
+def test_row_major_weight_gradients_equal_the_scan_float64(monkeypatch, features, batch, time_steps, use_lengths,
+                                                           use_masks, chunk):
+    """The fused layer's weight gradients as row-major GEMMs (forced here on every layer; the
+    library asks for them with bfloat16 matmuls on CPU), with the forward saving the state
+    before each step for them: the scan reference's values and gradients."""
+    from lstm_jax import _stack
+
+    with jax.enable_x64(True):
+        params, xs, state, masks, lengths, w = _problem(jnp.float64, batch=batch, time_steps=time_steps,
+                                                        features=features)
+        lengths = jnp.minimum(lengths, time_steps) if use_lengths else None
+        masks = masks if use_masks else None
+        ref_val, ref_grads = _value_and_grads(params, xs, state, masks, lengths, w, impl="scan")
+        calls = []
+        monkeypatch.setattr(_stack, "_cpu_row_major_weight_grads", lambda m: calls.append(m) or True)
+        val, grads = _value_and_grads(params, xs, state, masks, lengths, w, impl="fused", remat_chunk=chunk)
+        assert len(calls) == len(params)  # asked once per layer
+        assert _rel_err(val, ref_val) <= 1e-12
+        for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
+            assert g.shape == r.shape
+            assert _rel_err(g, r) <= 1e-12
+
+
+def _weight_gradient_dots(row_major, matmul_dtype=jnp.bfloat16):
+    """The dots of the compiled gradient of one fused layer that contract their left-hand
+    side's leading axis (transposed-LHS GEMMs)."""
+    from lstm_jax import _layer
+
+    t, b, i, h = 6, 4, 5, 7
+    rng = np.random.default_rng(0)
+    normal = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.float32)  # noqa: E731
+    args = (normal(i, 4 * h), normal(h, 4 * h), normal(4 * h), normal(t, b, i), normal(b, h), normal(b, h))
+
+    def loss(*a):
+        ys, h_t, c_t = _layer.layer_fused(*a, matmul_dtype=matmul_dtype, row_major_weight_grads=row_major)
+        return jnp.sum(ys**2) + jnp.sum(c_t)
+
+    hlo = jax.jit(jax.grad(loss, (0, 1))).lower(*args).compile().as_text()
+    return [line for line in hlo.splitlines() if " dot(" in line and "lhs_contracting_dims={0}" in line]
+
+
+def test_row_major_weight_gradients_compile_to_row_major_gemms():
+    """Without ``row_major_weight_grads`` both weight gradients are transposed-LHS dots (which
+    XLA:CPU does not give to YNNPACK); with it, none is."""
+    assert len(_weight_gradient_dots(False)) == 2
+    assert _weight_gradient_dots(True) == []
+
+
+def test_cpu_row_major_weight_grads_follows_the_measured_rule():
+    from lstm_jax import _stack
+
+    assert not _stack._cpu_row_major_weight_grads(None)  # float32: measured no faster
+    assert _stack._cpu_row_major_weight_grads(jnp.bfloat16) == (jax.default_backend() == "cpu")
 
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="inspects XLA:CPU's compiled program")
