@@ -100,7 +100,9 @@ def _cpu_project_in_loop(batch: int, in_size: int, hidden: int, dtype, matmul_dt
 # Eigen instead: in bfloat16 at 250 GFLOP/s, where YNNPACK's row-major GEMM of the same size
 # reaches 1300 on the 2-vCPU Xeon of bench/results/. So with bfloat16 matmuls the fused layer
 # transposes the left-hand sides first (``row_major_weight_grads``). In float32 both reach
-# 280-330 GFLOP/s and the transposes cost what they save: unchanged.
+# 280-330 GFLOP/s and the transposes cost what they save: unchanged. Training step, row-major /
+# transposed (`python bench/weight_grads.py`, bench/results/weight-grads-cpu-Intel-Xeon-2c.md):
+# bfloat16 0.75-0.96, float32 0.98-1.02.
 def _cpu_row_major_weight_grads(matmul_dtype) -> bool:
     """Whether the fused layer should compute its weight gradients as row-major GEMMs."""
     return jax.default_backend() == "cpu" and matmul_dtype is not None
