@@ -239,12 +239,9 @@ def _param_and_input_grads(xs, w_ih, h_prev, dz, rmask, matmul_dtype, row_major_
     # contracting the two axes (t, b) in one einsum.
     flat = lambda a: a.reshape(-1, a.shape[-1])  # noqa: E731
     dz_flat = flat(dz)
-    if row_major_weight_grads:
-        d_w_ih = _einsum("in,ng->ig", _rows_last(xs), dz_flat, matmul_dtype, dz.dtype)
-        d_w_hh = _einsum("hn,ng->hg", _rows_last(h_in_prev), dz_flat, matmul_dtype, dz.dtype)
-    else:
-        d_w_ih = _einsum("ni,ng->ig", flat(xs), dz_flat, matmul_dtype, dz.dtype)
-        d_w_hh = _einsum("nh,ng->hg", flat(h_in_prev), dz_flat, matmul_dtype, dz.dtype)
+    lhs, spec = (_rows_last, "kn,ng->kg") if row_major_weight_grads else (flat, "nk,ng->kg")
+    d_w_ih = _einsum(spec, lhs(xs), dz_flat, matmul_dtype, dz.dtype)
+    d_w_hh = _einsum(spec, lhs(h_in_prev), dz_flat, matmul_dtype, dz.dtype)
     d_xs = _einsum("tbg,ig->tbi", dz, w_ih, matmul_dtype, dz.dtype).astype(xs.dtype)
     return d_w_ih, d_w_hh, jnp.sum(dz_flat, axis=0), d_xs
 
@@ -302,15 +299,15 @@ def _primal_fn(unroll, matmul_dtype, project_in_loop=False):
 @functools.lru_cache(maxsize=None)
 def _fused_fn(unroll, matmul_dtype, project_in_loop=False, row_major_weight_grads=False):
     fused = jax.custom_vjp(_primal_fn(unroll, matmul_dtype, project_in_loop))
-    # Row-major weight gradients transpose the state before each step, saved as such by the
-    # forward. Derived from the states after each step instead, XLA:CPU fuses the shift by one
-    # step into the transpose, which then took 2.7-3.0 ms per tutorial layer (bfloat16, in the
-    # training step) where the plain transpose takes 0.4-0.5 ms.
-    save_prev_h = row_major_weight_grads
 
     def fwd(w_ih, w_hh, b, xs, h0, c0, valid, rmask):
+        # Row-major weight gradients transpose the state before each step, saved as such here.
+        # Derived from the states after each step instead, XLA:CPU fuses the shift by one step
+        # into the transpose, which then took 2.7-3.0 ms per tutorial layer (bfloat16, in the
+        # training step) where the plain transpose takes 0.4-0.5 ms.
         (h_t, c_t), (ys, acts, hs, cs) = _forward_steps(xs, w_ih, b, _cast(w_hh, matmul_dtype), h0, c0, valid, rmask,
-                                                        unroll, True, matmul_dtype, save_prev_h=save_prev_h)
+                                                        unroll, True, matmul_dtype,
+                                                        save_prev_h=row_major_weight_grads)
         return (ys, h_t, c_t), (w_ih, w_hh, xs, h0, c0, valid, rmask, acts, hs, cs)
 
     def bwd(residuals, cotangents):
@@ -319,7 +316,7 @@ def _fused_fn(unroll, matmul_dtype, project_in_loop=False, row_major_weight_grad
         d_rmask = None if rmask is None else jnp.zeros_like(rmask)
         (dh0, dc0, d_rmask), dz, h_prev = _backward_steps(
             _cast(w_hh.T, matmul_dtype), d_ys, acts, hs, cs, h0, c0, valid, rmask, (d_h_t, d_c_t, d_rmask), unroll,
-            hs_are_prev=save_prev_h)
+            hs_are_prev=row_major_weight_grads)
         d_w_ih, d_w_hh, d_b, d_xs = _param_and_input_grads(xs, w_ih, h_prev, dz, rmask, matmul_dtype,
                                                            row_major_weight_grads)
         return d_w_ih, d_w_hh, d_b, d_xs, dh0, dc0, None, d_rmask
