@@ -14,10 +14,12 @@ return the same values:
 
 In both, the input projection for every timestep is one ``[T*B, in] x [in, 4H]`` matmul
 outside the loop; the loop body does only ``h @ w_hh``, the bias add and the gate math.
-The one exception is the fused layer's forward when nothing is differentiated (inference),
-with ``project_in_loop=True``: there each step computes ``x_t @ w_ih`` itself, which saves
-writing and reading back the ``[T, B, 4H]`` projection. :func:`lstm_jax.lstm` asks for it on
-CPU where it measured faster (``_stack._cpu_project_in_loop``); the values are the same.
+The exceptions are in the fused layer's forward when nothing is differentiated (inference):
+with ``project_in_loop=True`` each step computes ``x_t @ w_ih`` itself, and with
+``project_chunk=K`` an outer loop projects K steps at a time for an inner loop over them; both
+save writing the whole ``[T, B, 4H]`` projection to memory and reading it back.
+:func:`lstm_jax.lstm` chooses between the three on CPU by measurement
+(``_stack._cpu_projection``); the values are the same.
 
 The fused path keeps its ``[T, B, 4H]`` residuals without allocating them anew: the forward
 writes step t's gate activations over the projected inputs of step t, and the backward
@@ -79,29 +81,62 @@ def _cast(w, matmul_dtype):
 
 
 def _forward_steps(xs, w_ih, b, w_hh, h0, c0, valid, rmask, unroll, save_residuals, matmul_dtype=None,
-                   project_in_loop=False, save_prev_h=False):
+                   project_in_loop=False, save_prev_h=False, project_chunk=None):
     """The recurrence over ``xs [T, B, in]``, whose input projection is one matmul before the
-    loop, or (``project_in_loop``, only without ``save_residuals``) one per step inside it.
+    loop, or (only without ``save_residuals``) one per step inside it (``project_in_loop``),
+    or one per ``project_chunk`` steps (:func:`_recurrence_in_chunks`).
 
     Returns ``((h_T, c_T), ys)``, or ``((h_T, c_T), (ys, acts, hs, cs))`` when saving what the
     backward pass needs (``hs``/``cs``: the carried state after each step; with ``save_prev_h``,
     ``hs`` is the carried ``h`` before each step instead).
     """
+    chunked = project_chunk is not None and project_chunk < xs.shape[0]
+    if (project_in_loop or chunked) and save_residuals:
+        raise ValueError("project_in_loop, project_chunk: the saved activations are written over the projected inputs")
     if project_in_loop:
-        if save_residuals:
-            raise ValueError("project_in_loop: the saved activations are written over the projected inputs")
         w_ih = _cast(w_ih, matmul_dtype)
         return _recurrence(xs, b, w_hh, h0, c0, valid, rmask, unroll, False,
                            project=lambda x_t: _mm(x_t, w_ih, b.dtype))
+    if chunked:
+        return _recurrence_in_chunks(xs, w_ih, b, w_hh, h0, c0, valid, rmask, unroll, matmul_dtype, project_chunk)
     zx = _input_projection(xs, w_ih, b.dtype, matmul_dtype)
     return _recurrence(zx, b, w_hh, h0, c0, valid, rmask, unroll, save_residuals, save_prev_h=save_prev_h)
 
 
-def _recurrence(zx, b, w_hh, h0, c0, valid, rmask, unroll, save_residuals, project=None, save_prev_h=False):
+def _recurrence_in_chunks(xs, w_ih, b, w_hh, h0, c0, valid, rmask, unroll, matmul_dtype, chunk):
+    """The inference recurrence projecting its inputs ``chunk`` steps at a time: an outer loop
+    projects ``[chunk, B, in]`` with one matmul into a ``[chunk, B, 4H]`` array that the inner
+    loop reads back while it is still in cache, instead of writing all T steps' projections to
+    memory first (and, beyond glibc's mmap threshold, page-faulting them in at every call). The
+    steps beyond the last whole chunk run as one shorter chunk. Both loops write each step's
+    output in place into one ``[T, B, H]`` buffer, so nothing is concatenated."""
+    time_steps = xs.shape[0]
+    whole, rest = divmod(time_steps, chunk)
+
+    def run(carry, x_k, v_k):
+        zx = _input_projection(x_k, w_ih, b.dtype, matmul_dtype)
+        return _recurrence(zx, b, w_hh, None, None, v_k, rmask, unroll, False, out=carry)
+
+    def split(a):
+        return None if a is None else a[:whole * chunk].reshape((whole, chunk) + a.shape[1:])
+
+    ys = jnp.zeros((time_steps,) + h0.shape, h0.dtype)
+    carry = (jnp.int32(0), h0, c0, ys)
+    carry, _ = jax.lax.scan(lambda c, inputs: (run(c, *inputs), None), carry, (split(xs), split(valid)))
+    if rest:
+        carry = run(carry, xs[whole * chunk:], None if valid is None else valid[whole * chunk:])
+    _, h_t, c_t, ys = carry
+    return (h_t, c_t), ys
+
+
+def _recurrence(zx, b, w_hh, h0, c0, valid, rmask, unroll, save_residuals, project=None, save_prev_h=False,
+                out=None):
     """The loop of :func:`_forward_steps` over the projected inputs ``zx [T, B, 4H]`` (without
     ``b``), or over ``xs [T, B, in]`` projected at each step by ``project``. Separate so that
     ``bench/persistent.py`` can time the loop alone. Saving residuals, step t writes its gate
-    activations over ``zx[t]``, just read, in place (module docstring).
+    activations over ``zx[t]``, just read, in place (module docstring). With ``out = (t0, h0,
+    c0, ys)`` (then ``h0``, ``c0`` are None) step j writes its output into ``ys[t0 + j]`` and the
+    loop returns that carry, advanced.
     """
 
     def cell(h, c, zx_t, v_t):
@@ -115,6 +150,14 @@ def _recurrence(zx, b, w_hh, h0, c0, valid, rmask, unroll, save_residuals, proje
         v = v_t[:, None]
         y = jnp.where(v, h_new, jnp.zeros_like(h_new))
         return acts, jnp.where(v, h_new, h), jnp.where(v, c_new, c), y
+
+    if out is not None:
+        def step_into(carry, inputs):
+            t, h, c, ys = carry
+            _, h_new, c_new, y = cell(h, c, *inputs)
+            return (t + 1, h_new, c_new, jax.lax.dynamic_update_index_in_dim(ys, y, t, 0)), None
+
+        return jax.lax.scan(step_into, out, (zx, valid), unroll=unroll)[0]
 
     if not save_residuals:
         def step(carry, inputs):
@@ -284,21 +327,21 @@ def layer_scan(w_ih, w_hh, b, xs, h0, c0, valid=None, rmask=None, *, unroll=1, r
     return ys.reshape((-1,) + ys.shape[2:])[:time_steps], h_t, c_t
 
 
-def _primal_fn(unroll, matmul_dtype, project_in_loop=False):
+def _primal_fn(unroll, matmul_dtype, project_in_loop=False, project_chunk=None):
     """The forward of the fused layer (shared by the stored and the remat variants), run as
     it is only where nothing is differentiated."""
 
     def primal(w_ih, w_hh, b, xs, h0, c0, valid, rmask):
         (h_t, c_t), ys = _forward_steps(xs, w_ih, b, _cast(w_hh, matmul_dtype), h0, c0, valid, rmask, unroll, False,
-                                        matmul_dtype, project_in_loop)
+                                        matmul_dtype, project_in_loop, project_chunk=project_chunk)
         return ys, h_t, c_t
 
     return primal
 
 
 @functools.lru_cache(maxsize=None)
-def _fused_fn(unroll, matmul_dtype, project_in_loop=False, row_major_weight_grads=False):
-    fused = jax.custom_vjp(_primal_fn(unroll, matmul_dtype, project_in_loop))
+def _fused_fn(unroll, matmul_dtype, project_in_loop=False, row_major_weight_grads=False, project_chunk=None):
+    fused = jax.custom_vjp(_primal_fn(unroll, matmul_dtype, project_in_loop, project_chunk))
 
     def fwd(w_ih, w_hh, b, xs, h0, c0, valid, rmask):
         # Row-major weight gradients transpose the state before each step, saved as such here.
@@ -326,10 +369,11 @@ def _fused_fn(unroll, matmul_dtype, project_in_loop=False, row_major_weight_grad
 
 
 @functools.lru_cache(maxsize=None)
-def _fused_remat_fn(unroll, chunk, matmul_dtype, project_in_loop=False, row_major_weight_grads=False):
+def _fused_remat_fn(unroll, chunk, matmul_dtype, project_in_loop=False, row_major_weight_grads=False,
+                    project_chunk=None):
     """The fused layer keeping only every ``chunk``-th state for the backward pass."""
 
-    fused = jax.custom_vjp(_primal_fn(unroll, matmul_dtype, project_in_loop))
+    fused = jax.custom_vjp(_primal_fn(unroll, matmul_dtype, project_in_loop, project_chunk))
 
     def fwd(w_ih, w_hh, b, xs, h0, c0, valid, rmask):
         xs_c, valid_c, time_steps = _chunked(xs, valid, chunk)
@@ -379,15 +423,22 @@ def _fused_remat_fn(unroll, chunk, matmul_dtype, project_in_loop=False, row_majo
 
 
 def layer_fused(w_ih, w_hh, b, xs, h0, c0, valid=None, rmask=None, *, unroll=1, remat_chunk=None,
-                matmul_dtype=None, project_in_loop=False, row_major_weight_grads=False):
+                matmul_dtype=None, project_in_loop=False, row_major_weight_grads=False, project_chunk=None):
     """Fast path with a hand-written VJP. See the module docstring for shapes.
     ``project_in_loop``: where nothing is differentiated, project each step's input inside the
-    loop (the gradient's forward always projects before it). ``row_major_weight_grads``:
+    loop; ``project_chunk=K``: there, project ``K`` steps' inputs at a time (the gradient's
+    forward always projects all of them before its loop). ``row_major_weight_grads``:
     compute the weight gradients as row-major GEMMs, transposing their left-hand sides first
     (see ``_param_and_input_grads``); the values are the same."""
     if matmul_dtype is not None:
         matmul_dtype = jnp.dtype(matmul_dtype)
+    if project_chunk is not None and (isinstance(project_chunk, bool) or int(project_chunk) != project_chunk
+                                      or project_chunk < 1):
+        raise ValueError(f"project_chunk: expected a positive int or None, got {project_chunk!r}")
+    project_chunk = None if project_chunk is None else int(project_chunk)
     project_in_loop, row_major_weight_grads = bool(project_in_loop), bool(row_major_weight_grads)
-    fn = (_fused_fn(unroll, matmul_dtype, project_in_loop, row_major_weight_grads) if remat_chunk is None
-          else _fused_remat_fn(unroll, remat_chunk, matmul_dtype, project_in_loop, row_major_weight_grads))
+    fn = (_fused_fn(unroll, matmul_dtype, project_in_loop, row_major_weight_grads, project_chunk)
+          if remat_chunk is None
+          else _fused_remat_fn(unroll, remat_chunk, matmul_dtype, project_in_loop, row_major_weight_grads,
+                               project_chunk))
     return fn(w_ih, w_hh, b, xs, h0, c0, valid, rmask)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import glob
 import os
-from typing import Literal, Optional
+from typing import Literal, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -40,21 +40,27 @@ def _cpu_batch_pad(batch: int, hidden: int, dtype, matmul_dtype) -> int:
     return pad if pad <= batch * _MAX_PAD_FRACTION else 0
 
 
-# Where the fused layer's inference forward projects its inputs (``project_in_loop``), by
-# measurement on XLA:CPU (2-vCPU Xeon, 2 MiB L2 per core; `python bench/projection.py`,
-# bench/results/projection-cpu-Intel-Xeon-2c.md). In the loop:
-# * a narrow input (in <= 8, e.g. pixel-by-pixel MNIST): x_t @ w_ih is a few multiply-adds per
-#   gate, not worth writing and reading back a [T, B, 4H] array (T=784, B=128, H=128, in=1:
-#   0.69-0.78x the time);
-# * a wide input (in >= 64) at batch >= 64 whose two weight matrices fit in one core's L2 cache,
-#   which each step then reads from there (the tutorial's layers 2-3, H=256, B=1000: 0.83-0.88x).
-# Weights beyond L2 (H=512: 1.09x), small batches (B=16: 1.16x) and inputs of 9-63 features
-# (in=28: 1.08-1.21x, with glibc's allocator told to keep freed memory) stay before the loop.
-# With bfloat16 matmuls only the narrow case was measured to pay (pixel 135-140 -> 93-99 ms);
-# the wide case, on the tutorial's layers 2-3 alone, was slower (19.7-20.4 -> 20.4-23.2 ms).
+# Where the fused layer's inference forward projects its inputs, by measurement on XLA:CPU
+# (2-vCPU Xeon, 2 MiB L2 per core; `python bench/projection.py`,
+# bench/results/projection-cpu-Intel-Xeon-2c.md). In the loop (each step x_t @ w_ih):
+# * a narrow input (in <= 8, e.g. pixel-by-pixel MNIST): a few multiply-adds per gate, not
+#   worth writing and reading back a [T, B, 4H] array (T=784, B=128, H=128, in=1: 0.66-0.77x);
+# * a wide float32 input (in >= 64) at batch >= 64 whose two weight matrices fit in one core's
+#   L2 cache, which each step then reads from there (the tutorial's layers 2-3 at H=256);
+# * any other input where one step's projection alone is half the L2 or more (B=1000, H=256).
+# Otherwise K steps at a time, K*B*4H*itemsize <= 2 * L2 (B=128, H=256: K=8): one matmul per
+# chunk, whose output the inner loop reads back from cache, where the hoisted [T, B, 4H] array
+# goes to memory and, beyond glibc's mmap threshold (32 MiB at most), is page-faulted in anew at
+# every call unless `retain_freed_memory()` was called. All steps at once where K >= T.
+# Against the previous rule (which hoisted all these but the wide in-loop case), in one process:
+# 0.75-0.99x the time with glibc as it is (B=128, in=28: T=64 0.75x, T=128 0.76x; the test-set
+# batch B=1000 0.93x; the tutorial 0.99x), 0.98-1.02x with freed memory retained; XLA's scratch
+# memory 0.27-0.70x (test-set batch 201 -> 99 MiB, T=128 82 -> 23 MiB).
 _IN_LOOP_MAX_NARROW = 8
 _IN_LOOP_MIN_WIDE = 64
 _IN_LOOP_MIN_BATCH = 64
+_CHUNK_L2_MULTIPLE = 2
+_L2_BYTES_IF_UNKNOWN = 1 << 20
 
 
 @functools.lru_cache(maxsize=None)
@@ -79,19 +85,32 @@ def _l2_cache_bytes() -> Optional[int]:
     return None
 
 
-def _cpu_project_in_loop(batch: int, in_size: int, hidden: int, dtype, matmul_dtype,
-                         l2_bytes: Optional[int] = None) -> bool:
-    """Whether the fused layer's inference forward should project its input inside the loop
-    (see the measurements above). ``l2_bytes``: one core's L2 cache (default: this machine's)."""
+class _Projection(NamedTuple):
+    """Where a fused layer's inference forward projects its inputs (``layer_fused``'s arguments)."""
+
+    project_in_loop: bool  # each step projects its own input, inside the loop
+    project_chunk: Optional[int]  # else: this many steps at a time (None: all before the loop)
+
+
+def _cpu_projection(batch: int, in_size: int, hidden: int, time_steps: int, dtype, matmul_dtype,
+                    l2_bytes: Optional[int] = None) -> _Projection:
+    """Where the fused layer's inference forward should project its input (see the
+    measurements above). ``l2_bytes``: one core's L2 cache (default: this machine's)."""
     if jax.default_backend() != "cpu":
-        return False
+        return _Projection(False, None)
     if in_size <= _IN_LOOP_MAX_NARROW:
-        return True
-    if in_size < _IN_LOOP_MIN_WIDE or batch < _IN_LOOP_MIN_BATCH or matmul_dtype is not None:
-        return False
-    l2_bytes = _l2_cache_bytes() if l2_bytes is None else l2_bytes
+        return _Projection(True, None)
+    if l2_bytes is None:
+        l2_bytes = _l2_cache_bytes() or _L2_BYTES_IF_UNKNOWN
     weight_bytes = (in_size + hidden) * 4 * hidden * jnp.dtype(dtype).itemsize
-    return l2_bytes is not None and weight_bytes <= l2_bytes
+    if (in_size >= _IN_LOOP_MIN_WIDE and batch >= _IN_LOOP_MIN_BATCH and weight_bytes <= l2_bytes
+            and matmul_dtype is None):
+        return _Projection(True, None)
+    step_bytes = max(batch * 4 * hidden * jnp.dtype(dtype).itemsize, 1)
+    chunk = _CHUNK_L2_MULTIPLE * l2_bytes // step_bytes
+    if chunk <= 1:
+        return _Projection(True, None)
+    return _Projection(False, chunk if chunk < time_steps else None)
 
 
 # XLA:CPU gives a dot to YNNPACK, whose bfloat16 kernels use the CPU's matrix units (AMX),
@@ -261,7 +280,7 @@ def lstm(
         rmask = None if rec_mask is None else _fit_batch(rec_mask.astype(dtype), 0, rows, 1)
         extra = {}
         if impl == "fused":
-            extra["project_in_loop"] = _cpu_project_in_loop(rows, x.shape[-1], hidden, dtype, matmul_dtype)
+            extra.update(_cpu_projection(rows, x.shape[-1], hidden, time_steps, dtype, matmul_dtype)._asdict())
             extra["row_major_weight_grads"] = _cpu_row_major_weight_grads(matmul_dtype)
         ys, h_t, c_t = layer(p.w_ih, p.w_hh, fold_forget_bias(p.b, forget_bias), x, _fit_batch(state.h, 0, rows),
                              _fit_batch(state.c, 0, rows), _fit_batch(valid, 1, rows, False), rmask, unroll=unroll,

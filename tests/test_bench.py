@@ -345,6 +345,8 @@ WEIGHT_GRADS = ROOT / "bench" / "weight_grads.py"
     (PROJECTION, ["--shapes", "128x28x28x256"], "expected BxTxINxHxL"),
     (PROJECTION, ["--shapes", "1x1x0x1x1"], "five positive integers"),
     (PROJECTION, ["--rounds", "0"], "--rounds and --reps"),
+    (PROJECTION, ["--chunks", "2,x"], "--chunks: expected comma-separated positive integers"),
+    (PROJECTION, ["--chunks", "0"], "--chunks: expected comma-separated positive integers"),
     (WEIGHT_GRADS, ["--shapes", "1x2x3"], "expected BxTxINxHxL"),
     (WEIGHT_GRADS, ["--dtypes", "float16"], "--dtypes: expected a comma-separated subset"),
     (WEIGHT_GRADS, ["--steps", "0"], "--rounds and --steps"),
@@ -387,25 +389,30 @@ def test_gemm_threads_probe_runs(tmp_path):
 
 def test_projection_study_runs_every_variant_to_the_same_logits(tmp_path):
     """bench/projection.py times the inference forward with the projection before the loop, in
-    it, and as the library chooses; the three compute the same logits, and the library's
-    choice it reports is the rule's."""
+    it, K steps at a time, and as the library chooses; all compute the same logits, and the
+    library's choice it reports is the rule's."""
     from lstm_jax import _stack
 
     out = tmp_path / "p.json"
-    cmd = [sys.executable, str(PROJECTION), "--shapes", "3x5x1x4x2,2x3x6x5x1", "--rounds", "1", "--reps", "1",
-           "--out", str(out)]
+    cmd = [sys.executable, str(PROJECTION), "--shapes", "3x5x1x4x2,2x3x6x5x1", "--chunks", "1,2", "--rounds", "1",
+           "--reps", "1", "--out", str(out)]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, f"{cmd} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     report = json.loads(out.read_text())
     assert [r["shape"]["inputs"] for r in report["shapes"]] == [1, 6]
+    assert report["chunks"] == [1, 2] and report["matmul_dtype"] == "float32"
     for row in report["shapes"]:
-        assert set(row["median_s"]) == {"hoisted", "in_loop", "library"}
+        assert set(row["median_s"]) == {"hoisted", "in_loop", "chunk1", "chunk2", "library"}
         assert all(_positive_finite(t) for t in row["median_s"].values())
         assert row["max_abs_logit_diff"] < 1e-5
         shape = row["shape"]
         sizes = [shape["inputs"]] + [shape["hidden"]] * (shape["layers"] - 1)
-        assert row["library_in_loop"] == [_stack._cpu_project_in_loop(shape["batch"], i, shape["hidden"], np.float32, None)
-                                          for i in sizes]
+        want = []
+        for i in sizes:
+            p = _stack._cpu_projection(shape["batch"], i, shape["hidden"], shape["steps"], np.float32, None)
+            want.append("in_loop" if p.project_in_loop else "hoisted" if p.project_chunk is None
+                        else f"chunk{p.project_chunk}")
+        assert row["library"] == want
 
 
 def test_weight_grads_study_times_both_ways_to_the_same_gradients(tmp_path):

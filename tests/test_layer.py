@@ -182,11 +182,14 @@ def _forward(params, xs, state, masks, lengths, **kw):
 @pytest.mark.parametrize("features,batch,time_steps", [(1, 4, 9), (5, 1, 7), (3, 4, 2), (7, 3, 1)])
 @pytest.mark.parametrize("use_lengths,use_masks", [(False, False), (True, True)])
 @pytest.mark.parametrize("chunk", [None, 4])
+@pytest.mark.parametrize("projection", [(True, None), (False, 2), (False, 3)], ids=["in_loop", "chunk2", "chunk3"])
 def test_fused_forward_projecting_in_the_loop_equals_the_scan_float64(monkeypatch, features, batch, time_steps,
-                                                                       use_lengths, use_masks, chunk):
-    """The inference forward that projects each step's input inside the loop (forced here on
-    every layer) computes the scan reference's outputs and final state; and differentiating
-    it (whose forward projects before the loop) still gives the reference's gradients."""
+                                                                       use_lengths, use_masks, chunk, projection):
+    """The inference forward that projects each step's input inside the loop, or K steps'
+    inputs at a time (forced here on every layer; K=2 and 3 leave a shorter last chunk at
+    some of these T, and K >= T is the hoisted projection), computes the scan reference's outputs
+    and final state; and differentiating it (whose forward projects before the loop) still
+    gives the reference's gradients."""
     from lstm_jax import _stack
 
     with jax.enable_x64(True):
@@ -197,7 +200,7 @@ def test_fused_forward_projecting_in_the_loop_equals_the_scan_float64(monkeypatc
         ref = _forward(params, xs, state, masks, lengths, impl="scan")
         ref_val, ref_grads = _value_and_grads(params, xs, state, masks, lengths, w, impl="scan")
         calls = []
-        monkeypatch.setattr(_stack, "_cpu_project_in_loop", lambda *a: calls.append(a) or True)
+        monkeypatch.setattr(_stack, "_cpu_projection", lambda *a: calls.append(a) or _stack._Projection(*projection))
         got = _forward(params, xs, state, masks, lengths, impl="fused", remat_chunk=chunk)
         assert len(calls) == len(params)  # asked once per layer
         for g, r in zip(jax.tree.leaves(got), jax.tree.leaves(ref)):
@@ -209,22 +212,24 @@ def test_fused_forward_projecting_in_the_loop_equals_the_scan_float64(monkeypatc
             assert _rel_err(g, r) <= 1e-12
 
 
-@pytest.mark.parametrize("in_loop", [False, True])
-def test_fused_forward_with_bfloat16_matmuls_stays_close_to_float32(monkeypatch, in_loop):
+@pytest.mark.parametrize("projection", [(False, None), (True, None), (False, 2)], ids=["hoisted", "in_loop", "chunk2"])
+def test_fused_forward_with_bfloat16_matmuls_stays_close_to_float32(monkeypatch, projection):
     from lstm_jax import _stack
 
     params, xs, state, masks, lengths, _ = _problem(jnp.float32, hidden=16)
     ref = _forward(params, xs, state, masks, lengths, impl="scan")
-    monkeypatch.setattr(_stack, "_cpu_project_in_loop", lambda *a: in_loop)
+    monkeypatch.setattr(_stack, "_cpu_projection", lambda *a: _stack._Projection(*projection))
     got = _forward(params, xs, state, masks, lengths, impl="fused", matmul_dtype=jnp.bfloat16)
     for g, r in zip(jax.tree.leaves(got), jax.tree.leaves(ref)):
         assert g.dtype == r.dtype == jnp.float32
         assert 0 < _rel_err(g, r) <= 2e-2  # > 0: the bfloat16 path really ran
 
 
-def test_fused_forward_in_the_loop_really_projects_there():
+def test_fused_forward_in_the_loop_or_in_chunks_really_projects_there():
     """With ``project_in_loop`` the compiled inference program holds no ``[T, B, 4H]`` array
-    (the hoisted projection's output); without it, it does."""
+    (the hoisted projection's output); with ``project_chunk=K`` it holds ``[K, B, 4H]`` ones
+    instead (and a shorter one for the last chunk when K does not divide T), and XLA's
+    scratch memory shrinks accordingly."""
     from lstm_jax import _layer
 
     t, b, i, h = 11, 3, 5, 7
@@ -233,67 +238,69 @@ def test_fused_forward_in_the_loop_really_projects_there():
     bias, xs = jnp.zeros(4 * h), jnp.asarray(rng.standard_normal((t, b, i)), jnp.float32)
     h0 = jnp.zeros((b, h))
 
-    def hlo(in_loop):
-        fn = jax.jit(lambda *a: _layer.layer_fused(*a, project_in_loop=in_loop))
-        return fn.lower(w_ih, w_hh, bias, xs, h0, h0).compile().as_text()
+    def compiled(**kw):
+        fn = jax.jit(lambda *a: _layer.layer_fused(*a, **kw))
+        return fn.lower(w_ih, w_hh, bias, xs, h0, h0).compile()
 
-    projection = f"f32[{t},{b},{4 * h}]"
-    assert projection in hlo(False)
-    assert projection not in hlo(True)
+    def projection(steps):
+        return f"f32[{steps},{b},{4 * h}]"
+
+    hoisted, in_loop, chunk4 = compiled(), compiled(project_in_loop=True), compiled(project_chunk=4)
+    assert projection(t) in hoisted.as_text()
+    assert projection(t) not in in_loop.as_text()
+    assert projection(t) not in chunk4.as_text()
+    assert projection(4) in chunk4.as_text() and projection(3) in chunk4.as_text()  # 11 = 2 * 4 + 3
+    assert projection(4) not in compiled(project_chunk=11).as_text()  # K >= T: hoisted
+    scratch = {k: c.memory_analysis().temp_size_in_bytes for k, c in
+               (("hoisted", hoisted), ("in_loop", in_loop), ("chunk4", chunk4))}
+    assert scratch["chunk4"] < scratch["hoisted"] and scratch["in_loop"] < scratch["hoisted"]
     # No steps: the initial state comes back.
-    ys, h_t, c_t = _layer.layer_fused(w_ih, w_hh, bias, xs[:0], h0 + 1, h0 + 2, project_in_loop=True)
-    assert ys.shape == (0, b, h) and float(jnp.min(h_t)) == 1 == float(jnp.max(h_t)) and float(jnp.min(c_t)) == 2
+    for kw in ({"project_in_loop": True}, {"project_chunk": 2}):
+        ys, h_t, c_t = _layer.layer_fused(w_ih, w_hh, bias, xs[:0], h0 + 1, h0 + 2, **kw)
+        assert ys.shape == (0, b, h) and float(jnp.min(h_t)) == 1 == float(jnp.max(h_t)) and float(jnp.min(c_t)) == 2
 
 
-def test_cpu_project_in_loop_follows_the_measured_rule():
+@pytest.mark.parametrize("bad", [0, -1, 2.5, True, "4"])
+def test_fused_layer_rejects_a_bad_projection_chunk(bad):
+    from lstm_jax import _layer
+
+    z = jnp.zeros((2, 8))
+    with pytest.raises(ValueError, match="project_chunk: expected a positive int or None"):
+        _layer.layer_fused(z[:, :8], jnp.zeros((2, 8)), jnp.zeros(8), jnp.zeros((3, 1, 2)), z[:1, :2], z[:1, :2],
+                           project_chunk=bad)
+
+
+def test_cpu_projection_follows_the_measured_rule(monkeypatch):
     from lstm_jax import _stack
 
     l2 = _stack._l2_cache_bytes()
     assert l2 is None or l2 > 0
-    f32 = jnp.float32
+    f32, bf16 = jnp.float32, jnp.bfloat16
     two_mib = 2 * 2**20
+    in_loop, hoisted = (True, None), (False, None)
 
-    def rule(b, i, h, dtype=f32, matmul_dtype=None, l2_bytes=two_mib):
-        return _stack._cpu_project_in_loop(b, i, h, dtype, matmul_dtype, l2_bytes)
+    def rule(b, i, h, t=28, dtype=f32, matmul_dtype=None, l2_bytes=two_mib):
+        return tuple(_stack._cpu_projection(b, i, h, t, dtype, matmul_dtype, l2_bytes))
 
     if jax.default_backend() != "cpu":
-        assert not rule(128, 1, 128)
+        assert rule(128, 1, 128) == hoisted
         return
-    assert rule(128, 1, 128) and rule(1, 8, 2048)  # narrow input: any batch, any size
-    assert rule(128, 256, 256)  # wide: (256+256)*1024*4 B = 2 MiB of weights fit
-    assert not rule(128, 256, 256, jnp.float64)  # 4 MiB
-    assert not rule(128, 256, 256, l2_bytes=two_mib - 1)
-    assert not rule(63, 256, 256)  # small batch
-    assert not rule(128, 512, 512)  # weights beyond L2
-    assert not rule(128, 9, 256) and not rule(1000, 28, 256) and not rule(128, 63, 64)  # in between
-    assert rule(128, 1, 128, matmul_dtype=jnp.bfloat16)  # bfloat16 matmuls: only the narrow case
-    assert not rule(128, 256, 256, matmul_dtype=jnp.bfloat16)
-
-
-@pytest.mark.parametrize("features,batch,time_steps", [(5, 4, 9), (1, 1, 7), (3, 4, 1)])
-@pytest.mark.parametrize("use_lengths,use_masks", [(False, False), (True, False), (True, True)])
-@pytest.mark.parametrize("chunk", [None, 4])
-def test_row_major_weight_gradients_equal_the_scan_float64(monkeypatch, features, batch, time_steps, use_lengths,
-                                                           use_masks, chunk):
-    """The fused layer's weight gradients as row-major GEMMs (forced here on every layer; the
-    library asks for them with bfloat16 matmuls on CPU), with the forward saving the state
-    before each step for them: the scan reference's values and gradients."""
-    from lstm_jax import _stack
-
-    with jax.enable_x64(True):
-        params, xs, state, masks, lengths, w = _problem(jnp.float64, batch=batch, time_steps=time_steps,
-                                                        features=features)
-        lengths = jnp.minimum(lengths, time_steps) if use_lengths else None
-        masks = masks if use_masks else None
-        ref_val, ref_grads = _value_and_grads(params, xs, state, masks, lengths, w, impl="scan")
-        calls = []
-        monkeypatch.setattr(_stack, "_cpu_row_major_weight_grads", lambda m: calls.append(m) or True)
-        val, grads = _value_and_grads(params, xs, state, masks, lengths, w, impl="fused", remat_chunk=chunk)
-        assert len(calls) == len(params)  # asked once per layer
-        assert _rel_err(val, ref_val) <= 1e-12
-        for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
-            assert g.shape == r.shape
-            assert _rel_err(g, r) <= 1e-12
+    # Narrow inputs: in the loop, at any batch and size, with any matmul dtype.
+    assert rule(128, 1, 128) == rule(1, 8, 2048) == rule(5000, 1, 64, 784) == rule(128, 1, 128, matmul_dtype=bf16) == in_loop
+    # Wide float32 inputs at batch >= 64 whose weights fit in L2: in the loop.
+    assert rule(128, 256, 256) == rule(64, 64, 256) == rule(1000, 256, 256) == in_loop  # 2 MiB of weights
+    # Otherwise K steps at a time, K = 2 * L2 // (B * 4H * itemsize): 8 at B=128, H=256 (512 KiB a step).
+    assert rule(128, 28, 256) == rule(128, 63, 256) == (False, 8)
+    assert rule(128, 256, 256, matmul_dtype=bf16) == (False, 8)  # bfloat16: no wide in-loop case
+    assert rule(128, 256, 256, l2_bytes=two_mib - 1) == (False, 7)  # weights no longer fit
+    assert rule(63, 256, 256) == (False, 16)  # small batch
+    assert rule(128, 512, 512) == (False, 4) and rule(64, 512, 512, t=100) == (False, 8)
+    assert rule(128, 28, 256, dtype=jnp.float64) == (False, 4)
+    assert rule(128, 28, 256, t=9) == (False, 8)
+    assert rule(128, 28, 256, t=8) == rule(16, 28, 256) == rule(0, 28, 256) == hoisted  # K >= T: all at once
+    assert rule(1000, 28, 256) == rule(1000, 28, 256, matmul_dtype=bf16) == in_loop  # K = 1: one step at a time
+    monkeypatch.setattr(_stack, "_l2_cache_bytes", lambda: None)  # unknown L2: 1 MiB assumed
+    assert rule(128, 28, 256, l2_bytes=None) == rule(128, 256, 256, l2_bytes=None) == (False, 4)
 
 
 def _weight_gradient_dots(row_major, matmul_dtype=jnp.bfloat16):
