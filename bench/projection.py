@@ -143,8 +143,8 @@ def main(argv=None) -> int:
     try:
         chunks = tuple(int(k) for k in args.chunks.split(",")) if args.chunks.strip() else ()
     except ValueError:
-        chunks = (0,)
-    if any(k < 1 for k in chunks):
+        chunks = None
+    if chunks is None or any(k < 1 for k in chunks):
         ap.error(f"--chunks: expected comma-separated positive integers, got {args.chunks!r}")
     if args.rounds < 1 or args.reps < 1:
         ap.error(f"--rounds and --reps: expected positive integers, got {args.rounds} and {args.reps}")

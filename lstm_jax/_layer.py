@@ -51,6 +51,7 @@ or None, ``rmask [B, H]`` (recurrent dropout, scaled) or None. Returns
 from __future__ import annotations
 
 import functools
+import numbers
 
 import jax
 import jax.numpy as jnp
@@ -108,8 +109,9 @@ def _recurrence_in_chunks(xs, w_ih, b, w_hh, h0, c0, valid, rmask, unroll, matmu
     projects ``[chunk, B, in]`` with one matmul into a ``[chunk, B, 4H]`` array that the inner
     loop reads back while it is still in cache, instead of writing all T steps' projections to
     memory first (and, beyond glibc's mmap threshold, page-faulting them in at every call). The
-    steps beyond the last whole chunk run as one shorter chunk. Both loops write each step's
-    output in place into one ``[T, B, H]`` buffer, so nothing is concatenated."""
+    steps beyond the last whole chunk run as one shorter chunk (not padded with invalid steps
+    as ``_chunked`` does for remat, which would add a ``valid`` mask to every step). Both loops
+    write each step's output in place into one ``[T, B, H]`` buffer, so nothing is concatenated."""
     time_steps = xs.shape[0]
     whole, rest = divmod(time_steps, chunk)
 
@@ -432,10 +434,10 @@ def layer_fused(w_ih, w_hh, b, xs, h0, c0, valid=None, rmask=None, *, unroll=1, 
     (see ``_param_and_input_grads``); the values are the same."""
     if matmul_dtype is not None:
         matmul_dtype = jnp.dtype(matmul_dtype)
-    if project_chunk is not None and (isinstance(project_chunk, bool) or int(project_chunk) != project_chunk
-                                      or project_chunk < 1):
-        raise ValueError(f"project_chunk: expected a positive int or None, got {project_chunk!r}")
-    project_chunk = None if project_chunk is None else int(project_chunk)
+    if project_chunk is not None:
+        if isinstance(project_chunk, bool) or not isinstance(project_chunk, numbers.Integral) or project_chunk < 1:
+            raise ValueError(f"project_chunk: expected a positive int or None, got {project_chunk!r}")
+        project_chunk = int(project_chunk)
     project_in_loop, row_major_weight_grads = bool(project_in_loop), bool(row_major_weight_grads)
     fn = (_fused_fn(unroll, matmul_dtype, project_in_loop, row_major_weight_grads, project_chunk)
           if remat_chunk is None

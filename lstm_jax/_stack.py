@@ -102,11 +102,12 @@ def _cpu_projection(batch: int, in_size: int, hidden: int, time_steps: int, dtyp
         return _Projection(True, None)
     if l2_bytes is None:
         l2_bytes = _l2_cache_bytes() or _L2_BYTES_IF_UNKNOWN
-    weight_bytes = (in_size + hidden) * 4 * hidden * jnp.dtype(dtype).itemsize
+    itemsize = jnp.dtype(dtype).itemsize
+    weight_bytes = (in_size + hidden) * 4 * hidden * itemsize
     if (in_size >= _IN_LOOP_MIN_WIDE and batch >= _IN_LOOP_MIN_BATCH and weight_bytes <= l2_bytes
             and matmul_dtype is None):
         return _Projection(True, None)
-    step_bytes = max(batch * 4 * hidden * jnp.dtype(dtype).itemsize, 1)
+    step_bytes = max(batch * 4 * hidden * itemsize, 1)
     chunk = _CHUNK_L2_MULTIPLE * l2_bytes // step_bytes
     if chunk <= 1:
         return _Projection(True, None)

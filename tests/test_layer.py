@@ -260,7 +260,7 @@ def test_fused_forward_in_the_loop_or_in_chunks_really_projects_there():
         assert ys.shape == (0, b, h) and float(jnp.min(h_t)) == 1 == float(jnp.max(h_t)) and float(jnp.min(c_t)) == 2
 
 
-@pytest.mark.parametrize("bad", [0, -1, 2.5, True, "4"])
+@pytest.mark.parametrize("bad", [0, -1, 2.5, True, "4", "x", float("nan")])
 def test_fused_layer_rejects_a_bad_projection_chunk(bad):
     from lstm_jax import _layer
 
