@@ -15,7 +15,8 @@ script re-measures it anywhere: for each shape ``BxTxINxHxL`` it times ``bench/r
 model (stack + head, inference), interleaved over ``--rounds`` rounds, with every layer
 projecting before the loop (``hoisted``), in it (``in_loop``), ``K`` steps at a time for
 each ``--chunks`` K (``chunkK``), and as the library chooses (``library``). It checks that all
-give the same logits.
+give the same logits. ``new_buffers`` is the library's choice with each layer's outputs written
+into a new ``[T, B, H]`` buffer instead of over the layer's input (``_layer._primal_fn``).
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ DEFAULT_CHUNKS = (2, 4, 8)
 
 
 def variants(chunks) -> tuple:
-    return ("hoisted", "in_loop") + tuple(f"chunk{k}" for k in chunks) + ("library",)
+    return ("hoisted", "in_loop") + tuple(f"chunk{k}" for k in chunks) + ("library", "new_buffers")
 
 
 def parse_shape(text: str) -> peers.Shape:
@@ -61,20 +62,26 @@ def parse_shape(text: str) -> peers.Shape:
 
 def build(shape: peers.Shape, data: peers.Data, weights, variant: str, matmul_dtype=None):
     """The model's compiled inference with the projection forced before the loop, in it, or
-    ``K`` steps at a time, or as the library chooses. The choice is made while tracing, so it
-    stays with the compiled function."""
-    from lstm_jax import _stack
+    ``K`` steps at a time, or as the library chooses; ``new_buffers``: as the library chooses,
+    but every layer's outputs written into a new buffer instead of over its inputs (as before
+    ``_layer._primal_fn`` did that). The choice is made while tracing, so it stays with the
+    compiled function."""
+    from lstm_jax import _layer, _stack
 
-    shipped = _stack._cpu_projection
-    if variant != "library":
+    shipped, shipped_steps = _stack._cpu_projection, _layer._forward_steps
+    if variant not in ("library", "new_buffers"):
         forced = _stack._Projection(variant == "in_loop", int(variant[5:]) if variant.startswith("chunk") else None)
         _stack._cpu_projection = lambda *args, **kwargs: forced
+    if variant == "new_buffers":
+        _layer._forward_steps = lambda *args, **kwargs: shipped_steps(*args, **{**kwargs, "output_over_input": False})
+    _layer._fused_fn.cache_clear()  # the custom_vjp functions hold what they traced
     try:
         impl = peers.make_lstm_jax(shape, data, weights, "fused", matmul_dtype=matmul_dtype,
                                    name=f"lstm_jax_{variant}")
         impl.setup_infer()
     finally:
-        _stack._cpu_projection = shipped
+        _stack._cpu_projection, _layer._forward_steps = shipped, shipped_steps
+        _layer._fused_fn.cache_clear()
     return impl
 
 
@@ -115,6 +122,7 @@ def measure(shape: peers.Shape, rounds: int, reps: int, chunks=DEFAULT_CHUNKS, m
         "shape": vars(shape),
         "library": library_choice(shape, matmul_dtype),
         "median_s": {v: float(np.median(t)) for v, t in times.items()},
+        "xla_temp_bytes": {v: (impl.memory()["infer"] or {}).get("temp_bytes") for v, impl in impls.items()},
         "max_abs_logit_diff": max(float(np.max(np.abs(logits[v] - logits["hoisted"]))) for v in names),
     }
 
@@ -168,14 +176,16 @@ def main(argv=None) -> int:
           f"matmul dtype {args.matmul_dtype}; {report['versions']}", flush=True)
     names = variants(chunks)
     print(f"\nInference, ms (median of {args.rounds * args.reps}); 'library' = the CPU rule's choice, per layer last")
-    print(f"{'BxTxINxHxL':>20} " + " ".join(f"{v:>9}" for v in names) + "  library/hoisted  library per layer")
+    print(f"{'BxTxINxHxL':>20} " + " ".join(f"{v:>11}" for v in names)
+          + "  library/hoisted  library/new_buffers  library per layer")
     for shape in shapes:
         row = measure(shape, args.rounds, args.reps, chunks, matmul_dtype)
         report["shapes"].append(row)
         m = row["median_s"]
         name = "x".join(str(v) for v in (shape.batch, shape.steps, shape.inputs, shape.hidden, shape.layers))
-        print(f"{name:>20} " + " ".join(f"{m[v] * 1e3:9.2f}" for v in names)
-              + f"  {m['library'] / m['hoisted']:15.2f}  {','.join(row['library'])}", flush=True)
+        print(f"{name:>20} " + " ".join(f"{m[v] * 1e3:11.2f}" for v in names)
+              + f"  {m['library'] / m['hoisted']:15.2f}  {m['library'] / m['new_buffers']:19.3f}"
+              + f"  {','.join(row['library'])}", flush=True)
     if args.out:
         args.out.write_text(json.dumps(report, indent=1))
         print(f"\nwrote {args.out}")

@@ -389,12 +389,13 @@ def test_gemm_threads_probe_runs(tmp_path):
 
 def test_projection_study_runs_every_variant_to_the_same_logits(tmp_path):
     """bench/projection.py times the inference forward with the projection before the loop, in
-    it, K steps at a time, and as the library chooses; all compute the same logits, and the
-    library's choice it reports is the rule's."""
+    it, K steps at a time, and as the library chooses, with outputs over the layers' inputs or
+    into new buffers; all compute the same logits, the second way needs less of XLA's scratch
+    memory, and the library's choice it reports is the rule's."""
     from lstm_jax import _stack
 
     out = tmp_path / "p.json"
-    cmd = [sys.executable, str(PROJECTION), "--shapes", "3x5x1x4x2,2x3x6x5x1", "--chunks", "1,2", "--rounds", "1",
+    cmd = [sys.executable, str(PROJECTION), "--shapes", "3x5x1x16x2,2x3x6x5x1", "--chunks", "1,2", "--rounds", "1",
            "--reps", "1", "--out", str(out)]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, f"{cmd} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
@@ -402,10 +403,14 @@ def test_projection_study_runs_every_variant_to_the_same_logits(tmp_path):
     assert [r["shape"]["inputs"] for r in report["shapes"]] == [1, 6]
     assert report["chunks"] == [1, 2] and report["matmul_dtype"] == "float32"
     for row in report["shapes"]:
-        assert set(row["median_s"]) == {"hoisted", "in_loop", "chunk1", "chunk2", "library"}
+        assert set(row["median_s"]) == set(row["xla_temp_bytes"]) == {"hoisted", "in_loop", "chunk1", "chunk2",
+                                                                     "library", "new_buffers"}
         assert all(_positive_finite(t) for t in row["median_s"].values())
         assert row["max_abs_logit_diff"] < 1e-5
         shape = row["shape"]
+        temp = row["xla_temp_bytes"]
+        if shape["hidden"] == 16:  # its second layer (16 inputs, B=3) is projected before its loop
+            assert row["library"][1] == "hoisted" and temp["library"] < temp["new_buffers"]
         sizes = [shape["inputs"]] + [shape["hidden"]] * (shape["layers"] - 1)
         want = []
         for i in sizes:

@@ -179,17 +179,20 @@ def _forward(params, xs, state, masks, lengths, **kw):
     return fn(params, xs, state, masks, lengths)
 
 
-@pytest.mark.parametrize("features,batch,time_steps", [(1, 4, 9), (5, 1, 7), (3, 4, 2), (7, 3, 1)])
+@pytest.mark.parametrize("features,batch,time_steps", [(1, 4, 9), (5, 1, 7), (3, 4, 2), (7, 3, 1), (6, 2, 5)])
 @pytest.mark.parametrize("use_lengths,use_masks", [(False, False), (True, True)])
 @pytest.mark.parametrize("chunk", [None, 4])
-@pytest.mark.parametrize("projection", [(True, None), (False, 2), (False, 3)], ids=["in_loop", "chunk2", "chunk3"])
+@pytest.mark.parametrize("projection", [(True, None), (False, 2), (False, 3), (False, None)],
+                         ids=["in_loop", "chunk2", "chunk3", "hoisted"])
 def test_fused_forward_projecting_in_the_loop_equals_the_scan_float64(monkeypatch, features, batch, time_steps,
                                                                        use_lengths, use_masks, chunk, projection):
     """The inference forward that projects each step's input inside the loop, or K steps'
     inputs at a time (forced here on every layer; K=2 and 3 leave a shorter last chunk at
-    some of these T, and K >= T is the hoisted projection), computes the scan reference's outputs
-    and final state; and differentiating it (whose forward projects before the loop) still
-    gives the reference's gradients."""
+    some of these T, and K >= T is the hoisted projection), or all before the loop, computes
+    the scan reference's outputs and final state; and differentiating it (whose forward
+    projects before the loop) still gives the reference's gradients. The second layer's
+    input is ``[T, B, H]``, which the chunked and hoisted forwards write their outputs over
+    (with 6 features, the hidden size, the first layer's too: a jit argument)."""
     from lstm_jax import _stack
 
     with jax.enable_x64(True):
@@ -258,6 +261,43 @@ def test_fused_forward_in_the_loop_or_in_chunks_really_projects_there():
     for kw in ({"project_in_loop": True}, {"project_chunk": 2}):
         ys, h_t, c_t = _layer.layer_fused(w_ih, w_hh, bias, xs[:0], h0 + 1, h0 + 2, **kw)
         assert ys.shape == (0, b, h) and float(jnp.min(h_t)) == 1 == float(jnp.max(h_t)) and float(jnp.min(c_t)) == 2
+
+
+@pytest.mark.parametrize("projection", [{}, {"project_chunk": 4}], ids=["hoisted", "chunk4"])
+def test_inference_writes_a_layers_outputs_over_its_inputs(projection):
+    """Where a layer's input is ``[T, B, H]`` (the layer below's output), the inference
+    forward writes its outputs over it: the compiled two-layer program copies no ``[T, B, H]``
+    buffer (a new one was each layer's copy of one shared zero broadcast) and its scratch
+    shrinks. The caller's own input is never written: XLA copies a live argument first."""
+    from lstm_jax import _layer
+
+    t, b, i, h = 11, 3, 5, 7
+    rng = np.random.default_rng(0)
+    normal = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.float32)  # noqa: E731
+    w1, w2, w_hh = normal(i, 4 * h), normal(h, 4 * h), normal(h, 4 * h)
+    bias, xs, h0 = jnp.zeros(4 * h), normal(t, b, i), jnp.zeros((b, h))
+
+    def three_layers(over_input):
+        def fn(xs):
+            for w_ih in (w1, w2, w2):
+                _, xs = _layer._forward_steps(xs, w_ih, bias, w_hh, h0, h0, None, None, 1, False,
+                                              output_over_input=over_input, **projection)
+            return xs
+        return jax.jit(fn).lower(xs).compile()
+
+    def copies(compiled):
+        return [line for line in compiled.as_text().splitlines() if f"f32[{t},{b},{h}]" in line and " copy(" in line]
+
+    over, new = three_layers(True), three_layers(False)
+    assert copies(new) and not copies(over)  # the first shows the test can see what it looks for
+    assert over.memory_analysis().temp_size_in_bytes < new.memory_analysis().temp_size_in_bytes
+    assert float(jnp.max(jnp.abs(over(xs) - new(xs)))) == 0
+
+    kept = normal(t, b, h)  # in = H: the first layer would write over the caller's array
+    before = np.asarray(kept).copy()
+    for call in (_layer.layer_fused, jax.jit(_layer.layer_fused, static_argnames=("project_chunk",))):
+        call(w2, w_hh, bias, kept, h0, h0, **projection)
+        np.testing.assert_array_equal(np.asarray(kept), before)
 
 
 @pytest.mark.parametrize("bad", [0, -1, 2.5, True, "4", "x", float("nan")])
