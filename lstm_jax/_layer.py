@@ -137,21 +137,18 @@ def _recurrence_in_chunks(xs, w_ih, b, w_hh, h0, c0, valid, rmask, unroll, matmu
         zx = _input_projection(x_k, w_ih, b.dtype, matmul_dtype)
         return _recurrence(zx, b, w_hh, None, None, v_k, rmask, unroll, False, out=carry)
 
-    def split(a):
-        return None if a is None else a[:whole * chunk].reshape((whole, chunk) + a.shape[1:])
+    def inputs_of(carry):  # over_input: the buffer the outputs go into, read before they do
+        return carry[3] if over_input else xs
 
-    def run_chunk(carry, inputs):
-        x_k, v_k = inputs
-        if x_k is None:  # over_input: this chunk's inputs, from the buffer its outputs go into
-            x_k = jax.lax.dynamic_slice_in_dim(carry[3], carry[0], chunk)
-        return run(carry, x_k, v_k), None
+    def run_chunk(carry, v_k):
+        return run(carry, jax.lax.dynamic_slice_in_dim(inputs_of(carry), carry[0], chunk), v_k), None
 
     ys = xs if over_input else jnp.zeros((time_steps,) + h0.shape, h0.dtype)
     carry = (jnp.int32(0), h0, c0, ys)
-    carry, _ = jax.lax.scan(run_chunk, carry, (None if over_input else split(xs), split(valid)), length=whole)
+    v_chunks = None if valid is None else valid[:whole * chunk].reshape((whole, chunk) + valid.shape[1:])
+    carry, _ = jax.lax.scan(run_chunk, carry, v_chunks, length=whole)
     if rest:
-        x_rest = (carry[3] if over_input else xs)[whole * chunk:]
-        carry = run(carry, x_rest, None if valid is None else valid[whole * chunk:])
+        carry = run(carry, inputs_of(carry)[whole * chunk:], None if valid is None else valid[whole * chunk:])
     _, h_t, c_t, ys = carry
     return (h_t, c_t), ys
 
